@@ -1,0 +1,5 @@
+//! Walden keeps SQLite databases safe by streaming their write-ahead log to object storage in
+//! Litestream v0.3.13's layout, and restoring them from it.
+//!
+//! The binary in `main.rs` is only glue; every concern lives in one module here so that it can
+//! be tested on its own.
