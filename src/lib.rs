@@ -3,3 +3,5 @@
 //!
 //! The binary in `main.rs` is only glue; every concern lives in one module here so that it can
 //! be tested on its own.
+
+pub mod wal;
