@@ -5,3 +5,4 @@
 //! be tested on its own.
 
 pub mod wal;
+pub mod storage;
