@@ -5,4 +5,5 @@
 //! be tested on its own.
 
 pub mod wal;
+pub mod format;
 pub mod storage;
