@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn zero_length_stored_block_is_accepted() {
         let snapshot = data(4 * MIB, false);
-        let cases: [(&str, Vec<Vec<u8>>, Vec<u8>); 3] = [
+        let cases = [
             ("only block", vec![stored_block(b"")], Vec::new()),
             (
                 "after data",
@@ -724,7 +724,8 @@ mod tests {
         let last = good.len() - 1;
         let too_big = hand_frame(&[stored_block(&vec![0; 4 * MIB + 1])], b"");
         let age = b"age-encryption.org/v1\n-> X25519 abc\n".to_vec();
-        let cases: Vec<(&str, Vec<u8>, fn(&FormatError) -> bool)> = vec![
+        type Check = fn(&FormatError) -> bool;
+        let cases: Vec<(&str, Vec<u8>, Check)> = vec![
             ("empty", Vec::new(), |e| matches!(e, FormatError::Empty)),
             ("age", age, |e| matches!(e, FormatError::Encrypted)),
             ("magic", with(0, 0x05), |e| {
