@@ -41,7 +41,9 @@ pub struct Entry {
 /// depend on that order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
-    /// Base names of sub-directories (S3 common prefixes), without a trailing `/`.
+    /// Base names of sub-directories (S3 common prefixes), without a trailing `/`. On S3 a
+    /// directory disappears with its last object, but filer-backed servers such as SeaweedFS
+    /// keep listing it empty, so callers must not take a listed directory to hold anything.
     pub dirs: Vec<String>,
     pub objects: Vec<Entry>,
 }

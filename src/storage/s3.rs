@@ -88,8 +88,10 @@ pub struct S3Store {
     bucket: Box<Bucket>,
     name: String,
     prefix: String,
-    /// The endpoint URL, or the AWS region name, for messages.
+    /// "endpoint URL" or "region NAME", for `describe`.
     location: String,
+    /// The URL requests go to, for connection errors.
+    endpoint: String,
 }
 
 /// Written by hand: the bucket handle holds the credentials.
@@ -99,6 +101,7 @@ impl std::fmt::Debug for S3Store {
             .field("bucket", &self.name)
             .field("prefix", &self.prefix)
             .field("location", &self.location)
+            .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
@@ -150,6 +153,7 @@ impl S3Store {
                 (region, format!("region {region_name}"))
             }
         };
+        let endpoint = format!("{}://{}", region.scheme(), region.host());
         let credentials = Credentials::new(
             Some(&cfg.access_key_id),
             Some(&cfg.secret_access_key),
@@ -176,6 +180,7 @@ impl S3Store {
             name: cfg.bucket,
             prefix: cfg.prefix.trim_end_matches('/').to_owned(),
             location,
+            endpoint,
         })
     }
 
@@ -218,7 +223,7 @@ impl S3Store {
     }
 
     fn error(&self, err: S3Error, key: Option<&str>) -> StorageError {
-        map_error(err, &self.name, &self.location, key)
+        map_error(err, &self.name, &self.endpoint, key)
     }
 
     async fn put_multipart(
@@ -515,7 +520,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn map_error(err: S3Error, bucket: &str, location: &str, key: Option<&str>) -> StorageError {
+fn map_error(err: S3Error, bucket: &str, endpoint: &str, key: Option<&str>) -> StorageError {
     match err {
         S3Error::HttpFailWithBody(status, body) => {
             let code = xml_element(&body, "Code").unwrap_or_default();
@@ -525,11 +530,11 @@ fn map_error(err: S3Error, bucket: &str, location: &str, key: Option<&str>) -> S
         }
         S3Error::HttpFail => classify(0, "", "request failed without a response body", bucket, key),
         S3Error::Reqwest(e) if e.is_timeout() => StorageError::Timeout {
-            operation: format!("s3 request to {location}"),
+            operation: format!("s3 request to {endpoint}"),
             after: REQUEST_TIMEOUT,
         },
         S3Error::Reqwest(e) if e.is_connect() => StorageError::Unreachable {
-            endpoint: location.trim_start_matches("endpoint ").to_owned(),
+            endpoint: endpoint.to_owned(),
             reason: error_chain(&e),
         },
         S3Error::Reqwest(e) => StorageError::Protocol {
