@@ -4,6 +4,11 @@
 //! The binary in `main.rs` is only glue; every concern lives in one module here so that it can
 //! be tested on its own.
 
-pub mod wal;
+pub mod config;
 pub mod format;
+pub mod observe;
+pub mod replica;
+pub mod replicate;
+pub mod restore;
 pub mod storage;
+pub mod wal;

@@ -1,0 +1,601 @@
+//! The command line: Litestream's commands and flags, parsed with clap.
+//!
+//! Litestream is a Go program and its users type single-dash long flags (`-config`); clap
+//! only knows `--config`, so known long flags are rewritten before clap sees them. Commands
+//! give their errors context here with `anyhow`; the library's errors stay typed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use walden::config::{self, Config, LoadOptions, ReplicaConfig};
+use walden::replica::Replica;
+use walden::replicate::Replicator;
+use walden::restore::{self, RestoreError, RestoreOptions, rfc3339};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walden",
+    version,
+    about = "Streams SQLite WAL to S3-compatible storage or a directory, and restores it",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replicate databases continuously until interrupted
+    Replicate(ReplicateArgs),
+    /// Restore a database from its replica
+    Restore(RestoreArgs),
+    /// List the generations of a database's replicas
+    Generations(ListArgs),
+    /// List the snapshots of a database's replicas
+    Snapshots(ListArgs),
+    /// List the WAL segments of a database's replicas
+    Wal(WalArgs),
+    /// List the databases in the configuration
+    Databases(ConfigArgs),
+    /// Print the version
+    Version,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArgs {
+    /// Configuration file (default: $WALDEN_CONFIG, $LITESTREAM_CONFIG, ./walden.yml,
+    /// /etc/walden.yml, /etc/litestream.yml)
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Do not expand $VAR references in the configuration file
+    #[arg(long)]
+    no_expand_env: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReplicateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Database path followed by one or more replica URLs (instead of a config file)
+    #[arg(value_name = "DB_PATH REPLICA_URL")]
+    args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output path (default: the database path from the config; required with a URL)
+    #[arg(short = 'o', value_name = "PATH")]
+    output: Option<PathBuf>,
+    /// Restore only from the replica with this name
+    #[arg(long, value_name = "NAME")]
+    replica: Option<String>,
+    /// Restore from this generation
+    #[arg(long, value_name = "ID")]
+    generation: Option<String>,
+    /// Restore up to and including this WAL index (hexadecimal)
+    #[arg(long, value_name = "HEX", value_parser = parse_hex_index, conflicts_with = "timestamp")]
+    index: Option<u32>,
+    /// Restore the state at this time (RFC 3339, e.g. 2026-01-02T15:04:05Z)
+    #[arg(long, value_name = "TIME", value_parser = parse_timestamp)]
+    timestamp: Option<SystemTime>,
+    /// WAL segments downloaded at once
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    parallelism: usize,
+    /// Exit successfully without restoring if the output already exists
+    #[arg(long)]
+    if_db_not_exists: bool,
+    /// Exit successfully without restoring if no backup exists
+    #[arg(long)]
+    if_replica_exists: bool,
+    /// Database path from the config, or a replica URL
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    target: String,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Only this replica
+    #[arg(long, value_name = "NAME")]
+    replica: Option<String>,
+    /// Database path from the config, or a replica URL
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    target: String,
+}
+
+#[derive(Args, Debug)]
+struct WalArgs {
+    #[command(flatten)]
+    list: ListArgs,
+    /// Only this generation
+    #[arg(long, value_name = "ID")]
+    generation: Option<String>,
+}
+
+fn parse_hex_index(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 16)
+        .ok()
+        .filter(|i| *i <= walden::format::MAX_INDEX)
+        .ok_or_else(|| format!("invalid index {s:?}: expected hexadecimal, e.g. 0000001a or 1a"))
+}
+
+fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| {
+            format!("invalid timestamp {s:?}: expected RFC 3339, e.g. 2026-01-02T15:04:05Z")
+        })
+}
+
+/// Rewrites Litestream-style `-flag` into `--flag` for every long flag clap knows, leaving
+/// values (the word after a flag that takes one) alone.
+fn normalize_args(args: Vec<String>) -> Vec<String> {
+    let mut takes_value = std::collections::HashMap::new();
+    fn collect(cmd: &clap::Command, out: &mut std::collections::HashMap<String, bool>) {
+        for a in cmd.get_arguments() {
+            if let Some(l) = a.get_long() {
+                out.insert(l.to_string(), a.get_action().takes_values());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            collect(sub, out);
+        }
+    }
+    collect(&Cli::command(), &mut takes_value);
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_next = false;
+    let mut rest = false;
+    for arg in args {
+        if rest || skip_next {
+            skip_next = false;
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            rest = true;
+            out.push(arg);
+            continue;
+        }
+        let long = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-').filter(|s| s.len() > 1));
+        match long {
+            Some(body) => {
+                let (name, inline) = match body.split_once('=') {
+                    Some((n, _)) => (n, true),
+                    None => (body, false),
+                };
+                match takes_value.get(name) {
+                    Some(&value) => {
+                        skip_next = value && !inline;
+                        out.push(format!("--{body}"));
+                    }
+                    None => out.push(arg),
+                }
+            }
+            None => out.push(arg),
+        }
+    }
+    out
+}
+
+/// Runs the program and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let args = normalize_args(std::env::args().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("walden {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replicate(a) => replicate(a).await,
+        Command::Restore(a) => restore_cmd(a).await,
+        Command::Generations(a) => generations(a).await,
+        Command::Snapshots(a) => snapshots(a).await,
+        Command::Wal(a) => wal(a).await,
+        Command::Databases(a) => databases(a),
+    }
+}
+
+fn load_config(args: &ConfigArgs) -> Result<Config> {
+    let env: config::Env = &config::process_env;
+    let path = config::locate(args.config.as_deref(), env).ok_or_else(|| {
+        anyhow!(
+            "no config file found (looked for $WALDEN_CONFIG, $LITESTREAM_CONFIG, ./walden.yml, \
+             /etc/walden.yml, /etc/litestream.yml); pass -config PATH or give a replica URL"
+        )
+    })?;
+    let cfg = config::load(
+        &path,
+        LoadOptions {
+            no_expand_env: args.no_expand_env,
+        },
+        env,
+    )?;
+    Ok(cfg)
+}
+
+/// The replicas a command works on: from a URL, or from the config entry of a database path.
+fn target_replicas(
+    config: &ConfigArgs,
+    target: &str,
+    only: Option<&str>,
+) -> Result<(Option<PathBuf>, Vec<Replica>)> {
+    let configs: Vec<ReplicaConfig>;
+    let db_path;
+    if config::is_url(target) {
+        if config.config.is_some() {
+            bail!("cannot use -config together with a replica URL");
+        }
+        configs = vec![config::replica_from_url(target, &config::process_env)?];
+        db_path = None;
+    } else {
+        let cfg = load_config(config)?;
+        let db = cfg.db(Path::new(target)).ok_or_else(|| {
+            anyhow!(
+                "database not found in config {}: {target}",
+                cfg.source.as_deref().unwrap_or(Path::new("?")).display()
+            )
+        })?;
+        db_path = Some(db.path.clone());
+        configs = db
+            .replicas
+            .iter()
+            .filter(|r| only.is_none_or(|n| r.name == n))
+            .cloned()
+            .collect();
+        if configs.is_empty() {
+            match only {
+                Some(n) => bail!("replica {n:?} not found for database {target}"),
+                None => bail!("database {target} has no replicas in its config"),
+            }
+        }
+    }
+    let replicas = configs
+        .iter()
+        .map(|c| Replica::open(c).with_context(|| format!("replica {}", c.name)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((db_path, replicas))
+}
+
+fn init_logging(to_stdout: bool, level: Option<&str>, json: bool) {
+    walden::observe::init_logging(walden::observe::LogOptions {
+        stdout: to_stdout,
+        level: level.map(str::to_string),
+        json,
+    });
+}
+
+async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
+    let cfg = if args.args.is_empty() {
+        load_config(&args.config)?
+    } else {
+        if args.config.config.is_some() {
+            bail!("cannot use -config together with DB_PATH and replica URLs");
+        }
+        if args.args.len() < 2 {
+            bail!(
+                "a database path needs at least one replica URL: walden replicate DB_PATH REPLICA_URL..."
+            );
+        }
+        let replicas = args.args[1..]
+            .iter()
+            .map(|u| config::replica_from_url(u, &config::process_env))
+            .collect::<Result<Vec<_>, _>>()?;
+        Config {
+            dbs: vec![config::db_from_args(Path::new(&args.args[0]), replicas)],
+            ..Config::default()
+        }
+    };
+    init_logging(
+        !cfg.logging.stderr,
+        cfg.logging.level.as_deref(),
+        cfg.logging.json,
+    );
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "walden");
+    if let Some(src) = &cfg.source {
+        tracing::info!(path = %src.display(), "config loaded");
+    }
+    if cfg.dbs.is_empty() {
+        tracing::error!("no databases specified in configuration");
+    }
+    for db in &cfg.dbs {
+        tracing::info!(path = %db.path.display(), replicas = db.replicas.len(), "initialized db");
+    }
+    let replicator = Replicator::start(&cfg)?;
+    let signal = wait_for_shutdown_signal().await;
+    tracing::info!(signal, "signal received, shutting down");
+    let errors = replicator.shutdown(Duration::from_secs(30)).await;
+    for e in &errors {
+        tracing::error!(error = %e, "final sync failed");
+    }
+    tracing::info!("walden shut down");
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn wait_for_shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+async fn restore_cmd(args: RestoreArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let (db_path, replicas) = target_replicas(&args.config, &args.target, args.replica.as_deref())?;
+    let output = match (&args.output, &db_path) {
+        (Some(o), _) => o.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("output path required: pass -o PATH when restoring from a URL"),
+    };
+    if output.exists() {
+        if args.if_db_not_exists {
+            tracing::info!(path = %output.display(), "database already exists, skipping");
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(RestoreError::OutputExists(output).into());
+    }
+    let opts = RestoreOptions {
+        output: output.clone(),
+        generation: args.generation,
+        index: args.index,
+        timestamp: args.timestamp,
+        parallelism: args.parallelism,
+    };
+    let plan = match restore::plan(&replicas, &opts).await {
+        Ok(plan) => plan,
+        Err(e @ RestoreError::NoBackups { .. }) if args.if_replica_exists => {
+            tracing::info!("{e}; nothing restored");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(replica = %replicas[plan.replica].name, generation = %plan.generation,
+        snapshot = plan.snapshot.index, segments = plan.segments.len(), "restoring");
+    let started = std::time::Instant::now();
+    let done = restore::restore(&replicas, &plan, &opts).await?;
+    tracing::info!(path = %output.display(), replica = %done.replica, generation = %done.generation,
+        index = done.position.index, offset = done.position.offset,
+        elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints rows aligned in columns two spaces apart, like Go's tabwriter in Litestream.
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s += c;
+            } else {
+                s += &format!("{c:<w$}  ", w = widths[i]);
+            }
+        }
+        s
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+fn go_lag(since: SystemTime) -> String {
+    let d = since.elapsed().unwrap_or_default();
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        config::format_duration(Duration::from_secs(d.as_secs()))
+    }
+}
+
+async fn generations(args: ListArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let (_, replicas) = target_replicas(&args.config, &args.target, args.replica.as_deref())?;
+    let mut rows = Vec::new();
+    for r in &replicas {
+        for g in r.generations().await.with_context(|| r.describe())? {
+            let info = r.generation_info(&g).await.with_context(|| r.describe())?;
+            let Some((start, end)) = info.bounds() else {
+                continue;
+            };
+            rows.push(vec![
+                r.name.clone(),
+                g,
+                go_lag(end),
+                rfc3339(start),
+                rfc3339(end),
+            ]);
+        }
+    }
+    print_table(&["name", "generation", "lag", "start", "end"], &rows)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshots(args: ListArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let (_, replicas) = target_replicas(&args.config, &args.target, args.replica.as_deref())?;
+    let mut rows = Vec::new();
+    for r in &replicas {
+        for g in r.generations().await.with_context(|| r.describe())? {
+            for s in r.snapshots(&g).await.with_context(|| r.describe())? {
+                rows.push(vec![
+                    r.name.clone(),
+                    g.clone(),
+                    s.index.to_string(),
+                    s.size.to_string(),
+                    rfc3339(s.created),
+                ]);
+            }
+        }
+    }
+    print_table(
+        &["replica", "generation", "index", "size", "created"],
+        &rows,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wal(args: WalArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let a = &args.list;
+    let (_, replicas) = target_replicas(&a.config, &a.target, a.replica.as_deref())?;
+    let mut rows = Vec::new();
+    for r in &replicas {
+        for g in r.generations().await.with_context(|| r.describe())? {
+            if args.generation.as_ref().is_some_and(|x| *x != g) {
+                continue;
+            }
+            for s in r.segments(&g).await.with_context(|| r.describe())? {
+                rows.push(vec![
+                    r.name.clone(),
+                    g.clone(),
+                    s.pos.index.to_string(),
+                    s.pos.offset.to_string(),
+                    s.size.to_string(),
+                    rfc3339(s.created),
+                ]);
+            }
+        }
+    }
+    print_table(
+        &[
+            "replica",
+            "generation",
+            "index",
+            "offset",
+            "size",
+            "created",
+        ],
+        &rows,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn databases(args: ConfigArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let cfg = load_config(&args)?;
+    let rows: Vec<Vec<String>> = cfg
+        .dbs
+        .iter()
+        .map(|d| {
+            vec![
+                d.path.display().to_string(),
+                d.replicas
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    print_table(&["path", "replicas"], &rows)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn single_dash_long_flags_are_rewritten() {
+        assert_eq!(
+            n(&[
+                "walden",
+                "restore",
+                "-config",
+                "x.yml",
+                "-o",
+                "out",
+                "-if-db-not-exists",
+                "db"
+            ]),
+            [
+                "walden",
+                "restore",
+                "--config",
+                "x.yml",
+                "-o",
+                "out",
+                "--if-db-not-exists",
+                "db"
+            ]
+        );
+        assert_eq!(
+            n(&[
+                "walden",
+                "restore",
+                "-generation=abc",
+                "-replica",
+                "-config",
+                "db"
+            ]),
+            [
+                "walden",
+                "restore",
+                "--generation=abc",
+                "--replica",
+                "-config",
+                "db"
+            ]
+        );
+        assert_eq!(n(&["walden", "-unknown"]), ["walden", "-unknown"]);
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

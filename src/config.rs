@@ -1,0 +1,1191 @@
+//! Configuration: Litestream's YAML format read strictly.
+//!
+//! Users arrive with a `litestream.yml`; it has to work unchanged, but where Litestream silently
+//! ignores a typo or a wrong type, Walden stops with the file, line and key. The file is expanded
+//! against the environment first (Litestream does that too, and configs in the wild rely on
+//! `${LITESTREAM_ACCESS_KEY_ID}`), then parsed with `serde-saphyr`, which reports line numbers,
+//! into raw structs that deny unknown keys, and finally resolved into [`Config`] with every
+//! default filled in, so the rest of the program never sees an `Option` that means "default".
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::storage::s3::S3Config;
+
+/// Where a configuration problem is: a file and, when the parser knows it, a line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file not found: {0}")]
+    NotFound(PathBuf),
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {message}")]
+    Parse {
+        file: String,
+        line: u64,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("invalid replica url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("invalid duration {value:?}: {reason}")]
+    Duration { value: String, reason: String },
+    #[error("{0}")]
+    Replica(String),
+}
+
+/// The effective configuration, defaults applied.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// The file this came from, for messages; `None` when built from command-line arguments.
+    pub source: Option<PathBuf>,
+    pub dbs: Vec<DbConfig>,
+    pub addr: Option<String>,
+    pub exec: Option<String>,
+    pub logging: Logging,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Logging {
+    pub level: Option<String>,
+    pub json: bool,
+    pub stderr: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub path: PathBuf,
+    /// Where the shadow WAL lives; Litestream's `.<name>-litestream` next to the database by
+    /// default so that switching between the two tools keeps the same generation.
+    pub meta_path: PathBuf,
+    pub monitor_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub min_checkpoint_page_count: u32,
+    pub max_checkpoint_page_count: u32,
+    /// WAL size in bytes at which a TRUNCATE checkpoint is forced. Litestream counts 500,000
+    /// pages, which is 32 GiB with 64 KiB pages and would let a WAL index pass the 4 GiB
+    /// offsets its object names can hold; bytes keep every page size safe.
+    pub truncate_wal_bytes: u64,
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub name: String,
+    pub target: Target,
+    pub sync_interval: Duration,
+    pub snapshot_interval: Option<Duration>,
+    pub retention: Option<Duration>,
+    pub retention_check_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    File { dir: PathBuf },
+    S3(S3Config),
+}
+
+impl Target {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::File { .. } => "file",
+            Target::S3(_) => "s3",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::File { dir } => write!(f, "file://{}", dir.display()),
+            Target::S3(c) => {
+                write!(f, "s3://{}/{}", c.bucket, c.prefix.trim_start_matches('/'))?;
+                if let Some(e) = &c.endpoint {
+                    write!(f, " (endpoint {e})")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(3600);
+const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_MIN_CHECKPOINT_PAGES: u32 = 1000;
+const DEFAULT_MAX_CHECKPOINT_PAGES: u32 = 10_000;
+const DEFAULT_TRUNCATE_WAL_BYTES: u64 = 1 << 30;
+
+/// The environment as a lookup function, so tests can resolve configs without touching the
+/// process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Reads the process environment; the default [`Env`]. Empty values are returned as they
+/// are, because `${VAR-default}` keeps an empty value while `${VAR:-default}` replaces it.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// A variable's value when set and non-empty: an empty credential means "not set".
+fn non_empty(env: Env, name: &str) -> Option<String> {
+    env(name).filter(|v| !v.is_empty())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    dbs: Option<Vec<RawDb>>,
+    addr: Option<String>,
+    exec: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    logging: Option<RawLogging>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLogging {
+    level: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    stderr: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDb {
+    path: Option<String>,
+    meta_path: Option<String>,
+    monitor_interval: Option<GoDuration>,
+    checkpoint_interval: Option<GoDuration>,
+    min_checkpoint_page_count: Option<u32>,
+    max_checkpoint_page_count: Option<u32>,
+    truncate_wal_bytes: Option<u64>,
+    replicas: Option<Vec<RawReplica>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawReplica {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+    url: Option<String>,
+    path: Option<String>,
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    force_path_style: Option<bool>,
+    skip_verify: Option<bool>,
+    sync_interval: Option<GoDuration>,
+    snapshot_interval: Option<GoDuration>,
+    retention: Option<GoDuration>,
+    retention_check_interval: Option<GoDuration>,
+}
+
+/// A duration written the way Go writes them (`500ms`, `1h30m`, `1.5h`), because every
+/// Litestream config uses that syntax. A bare number is refused: Litestream reads it as
+/// nanoseconds, which is never what the author meant.
+#[derive(Debug, Clone, Copy)]
+struct GoDuration(Duration);
+
+impl<'de> Deserialize<'de> for GoDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(GoDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a Go duration string. Hand-written because no maintained crate implements Go's exact
+/// grammar (fractions, `us`/`µs`, concatenated units without spaces).
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let err = |reason: &str| ConfigError::Duration {
+        value: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(err("empty duration"));
+    }
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if t.starts_with('-') {
+        return Err(err("negative durations are not allowed"));
+    }
+    if t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(err("add a unit, e.g. \"10s\", \"500ms\" or \"1h\""));
+    }
+    let mut rest = t.trim_start_matches('+');
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return Err(err("expected a number"));
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| err("bad number"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(err("missing unit")),
+            _ => return Err(err("unknown unit; use ns, us, ms, s, m or h")),
+        };
+        total += n * scale;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Formats a duration the way Go prints one, so `walden config` output can be pasted back.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let mut s = ms / 1000;
+    let mut out = String::new();
+    if s >= 3600 {
+        out += &format!("{}h", s / 3600);
+        s %= 3600;
+    }
+    if s >= 60 {
+        out += &format!("{}m", s / 60);
+        s %= 60;
+    }
+    if s > 0 {
+        out += &format!("{s}s");
+    }
+    out
+}
+
+/// Result of expanding `$VAR` references: the text and the names that were unset and had no
+/// default, so the caller can warn about them by name.
+pub struct Expanded {
+    pub text: String,
+    pub unset: BTreeSet<String>,
+}
+
+/// Expands `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$` (a literal `$`).
+///
+/// Litestream uses Go's `os.ExpandEnv`, which has no defaults and no escape; configs written
+/// for shells use both, so Walden accepts the superset.
+pub fn expand_env(text: &str, env: Env) -> Expanded {
+    let mut out = String::with_capacity(text.len());
+    let mut unset = BTreeSet::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek().map(|&(_, c)| c) {
+            Some('$') => {
+                chars.next();
+                out.push('$');
+            }
+            Some('{') => {
+                let body_start = i + 2;
+                let Some(close) = text[body_start..].find('}') else {
+                    out.push_str(&text[i..]);
+                    break;
+                };
+                let body = &text[body_start..body_start + close];
+                let (name, default) = if let Some(p) = body.find(":-") {
+                    (&body[..p], Some((&body[p + 2..], true)))
+                } else if let Some(p) = body.find('-') {
+                    (&body[..p], Some((&body[p + 1..], false)))
+                } else {
+                    (body, None)
+                };
+                let value = env(name);
+                match (value, default) {
+                    (Some(v), Some((d, true))) if v.is_empty() => out.push_str(d),
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some((d, _))) => out.push_str(d),
+                    (None, None) => {
+                        unset.insert(name.to_string());
+                    }
+                }
+                while let Some(&(j, _)) = chars.peek() {
+                    if j > body_start + close {
+                        break;
+                    }
+                    chars.next();
+                }
+            }
+            Some(c2) if c2 == '_' || c2.is_ascii_alphabetic() => {
+                let start = i + 1;
+                let mut end = start;
+                while let Some(&(j, c)) = chars.peek() {
+                    if c == '_' || c.is_ascii_alphanumeric() {
+                        end = j + c.len_utf8();
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                let name = &text[start..end];
+                match env(name) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        unset.insert(name.to_string());
+                    }
+                }
+            }
+            _ => out.push('$'),
+        }
+    }
+    Expanded { text: out, unset }
+}
+
+/// Options that change how a file is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub no_expand_env: bool,
+}
+
+/// Reads and resolves a config file.
+pub fn load(path: &Path, opts: LoadOptions, env: Env) -> Result<Config, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::NotFound(path.to_path_buf()));
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let text = if opts.no_expand_env {
+        text
+    } else {
+        let expanded = expand_env(&text, env);
+        if !expanded.unset.is_empty() {
+            let names: Vec<_> = expanded.unset.iter().map(String::as_str).collect();
+            tracing::warn!(
+                file = %path.display(),
+                "config references unset environment variables: {}",
+                names.join(", ")
+            );
+        }
+        expanded.text
+    };
+    let mut cfg = parse(&text, &path.display().to_string(), env)?;
+    cfg.source = Some(path.to_path_buf());
+    Ok(cfg)
+}
+
+/// Parses and resolves config text; `file` names it in messages.
+pub fn parse(text: &str, file: &str, env: Env) -> Result<Config, ConfigError> {
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| parse_error(file, &e))?
+    };
+    resolve(raw, file, env)
+}
+
+fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let plain = e.without_snippet().to_string();
+    let message = match plain.rfind(" at line ") {
+        Some(p) => plain[..p].to_string(),
+        None => plain,
+    };
+    ConfigError::Parse {
+        file: file.to_string(),
+        line: e.location().map(|l| l.line()).unwrap_or(0),
+        message: suggest_key(&message),
+    }
+}
+
+/// Turns serde's "unknown field `x`, expected one of a, b" into a sentence that names the
+/// nearest valid key, because a typo is the usual cause.
+fn suggest_key(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some(end) = rest.find('`') else {
+        return message.to_string();
+    };
+    let key = &rest[..end];
+    let expected: Vec<&str> = rest[end..]
+        .split_once("expected one of ")
+        .or_else(|| rest[end..].split_once("expected "))
+        .map(|(_, list)| {
+            list.split(',')
+                .map(|s| s.trim().trim_matches('`'))
+                .collect()
+        })
+        .unwrap_or_default();
+    let best = expected
+        .iter()
+        .map(|k| (strsim::levenshtein(key, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 3.max(k.len() / 3));
+    match best {
+        Some((_, k)) => format!("`{key}` is not a key; did you mean `{k}`?"),
+        None => format!(
+            "`{key}` is not a key; valid keys here: {}",
+            expected.join(", ")
+        ),
+    }
+}
+
+fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        message,
+    };
+    let logging = raw.logging.unwrap_or_default();
+    let json = match logging
+        .kind
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "logging.type {other:?} must be text or json"
+            )));
+        }
+    };
+    let creds = TopCredentials {
+        access_key_id: raw.access_key_id.filter(|s| !s.is_empty()),
+        secret_access_key: raw.secret_access_key.filter(|s| !s.is_empty()),
+    };
+    let mut dbs = Vec::new();
+    for (i, db) in raw.dbs.unwrap_or_default().into_iter().enumerate() {
+        let path = db
+            .path
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| invalid(format!("dbs[{i}]: `path` is required")))?;
+        let path = absolute(&expand_tilde(&path));
+        let meta_path = match db.meta_path {
+            Some(m) => absolute(&expand_tilde(&m)),
+            None => default_meta_path(&path),
+        };
+        let mut replicas = Vec::new();
+        for (j, r) in db.replicas.unwrap_or_default().into_iter().enumerate() {
+            let rep = resolve_replica(r, &creds, env)
+                .map_err(|e| invalid(format!("dbs[{i}].replicas[{j}]: {e}")))?;
+            if replicas.iter().any(|x: &ReplicaConfig| x.name == rep.name) {
+                return Err(invalid(format!(
+                    "dbs[{i}]: two replicas are named {:?}; give each a distinct `name`",
+                    rep.name
+                )));
+            }
+            replicas.push(rep);
+        }
+        let min = db
+            .min_checkpoint_page_count
+            .unwrap_or(DEFAULT_MIN_CHECKPOINT_PAGES);
+        if min == 0 {
+            return Err(invalid(format!(
+                "dbs[{i}]: min-checkpoint-page-count must be greater than 0"
+            )));
+        }
+        dbs.push(DbConfig {
+            path,
+            meta_path,
+            monitor_interval: db
+                .monitor_interval
+                .map_or(DEFAULT_MONITOR_INTERVAL, |d| d.0),
+            checkpoint_interval: db
+                .checkpoint_interval
+                .map_or(DEFAULT_CHECKPOINT_INTERVAL, |d| d.0),
+            min_checkpoint_page_count: min,
+            max_checkpoint_page_count: db
+                .max_checkpoint_page_count
+                .unwrap_or(DEFAULT_MAX_CHECKPOINT_PAGES),
+            truncate_wal_bytes: db
+                .truncate_wal_bytes
+                .unwrap_or(DEFAULT_TRUNCATE_WAL_BYTES)
+                .min(DEFAULT_TRUNCATE_WAL_BYTES * 3),
+            replicas,
+        });
+    }
+    Ok(Config {
+        source: None,
+        dbs,
+        addr: raw.addr.filter(|a| !a.is_empty()),
+        exec: raw.exec.filter(|e| !e.trim().is_empty()),
+        logging: Logging {
+            level: logging.level,
+            json,
+            stderr: logging.stderr.unwrap_or(false),
+        },
+    })
+}
+
+struct TopCredentials {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+}
+
+fn resolve_replica(
+    r: RawReplica,
+    top: &TopCredentials,
+    env: Env,
+) -> Result<ReplicaConfig, ConfigError> {
+    let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
+    if sync_interval.is_zero() {
+        return Err(ConfigError::Replica(
+            "sync-interval must be greater than 0".into(),
+        ));
+    }
+    let snapshot_interval = r.snapshot_interval.map(|d| d.0).filter(|d| !d.is_zero());
+    let retention = match r.retention {
+        None => Some(DEFAULT_RETENTION),
+        Some(d) if d.0.is_zero() => None,
+        Some(d) => Some(d.0),
+    };
+    let retention_check_interval = r
+        .retention_check_interval
+        .map_or(DEFAULT_RETENTION_CHECK, |d| d.0);
+    let (target, default_name) = resolve_target(&r, top, env)?;
+    Ok(ReplicaConfig {
+        name: r.name.clone().unwrap_or_else(|| default_name.to_string()),
+        target,
+        sync_interval,
+        snapshot_interval,
+        retention,
+        retention_check_interval,
+    })
+}
+
+fn resolve_target(
+    r: &RawReplica,
+    top: &TopCredentials,
+    env: Env,
+) -> Result<(Target, &'static str), ConfigError> {
+    let kind = r.kind.as_deref().filter(|k| !k.is_empty());
+    if let Some(url) = r.url.as_deref().filter(|u| !u.is_empty()) {
+        if r.path.is_some() {
+            return Err(ConfigError::Replica(
+                "`url` and `path` cannot both be set".into(),
+            ));
+        }
+        let mut parsed = parse_replica_url(url)?;
+        if let ParsedUrl::S3(s3) = &mut parsed {
+            if r.bucket.is_some() {
+                return Err(ConfigError::Replica(
+                    "`url` and `bucket` cannot both be set".into(),
+                ));
+            }
+            apply_s3_fields(s3, r);
+        }
+        return finish_target(parsed, r, top, env);
+    }
+    match kind {
+        Some("file") | None if r.bucket.is_none() => {
+            let path = r.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| {
+                ConfigError::Replica("a file replica needs `path` or `url`".into())
+            })?;
+            Ok((
+                Target::File {
+                    dir: absolute(&expand_tilde(path)),
+                },
+                "file",
+            ))
+        }
+        Some("s3") | None => {
+            let bucket = r.bucket.clone().filter(|b| !b.is_empty()).ok_or_else(|| {
+                ConfigError::Replica("an s3 replica needs `bucket` or `url`".into())
+            })?;
+            let mut s3 = PartialS3 {
+                bucket,
+                prefix: r.path.clone().unwrap_or_default(),
+                ..PartialS3::default()
+            };
+            apply_s3_fields(&mut s3, r);
+            finish_target(ParsedUrl::S3(s3), r, top, env)
+        }
+        Some("file") => Err(ConfigError::Replica(
+            "`bucket` is set on a file replica; use `type: s3` or remove `bucket`".into(),
+        )),
+        Some(other @ ("gcs" | "abs" | "sftp")) => Err(ConfigError::Replica(format!(
+            "replica type {other:?} is not supported by walden yet; only s3 and file are"
+        ))),
+        Some(other) => Err(ConfigError::Replica(format!(
+            "unknown replica type {other:?}; expected s3 or file"
+        ))),
+    }
+}
+
+fn apply_s3_fields(s3: &mut PartialS3, r: &RawReplica) {
+    if let Some(e) = r.endpoint.clone().filter(|e| !e.is_empty()) {
+        s3.endpoint = Some(e);
+    }
+    if let Some(reg) = r.region.clone().filter(|e| !e.is_empty()) {
+        s3.region = Some(reg);
+    }
+    if let Some(f) = r.force_path_style {
+        s3.force_path_style = Some(f || s3.force_path_style == Some(true) && s3.host_form);
+    }
+    if let Some(v) = r.skip_verify {
+        s3.skip_verify = v;
+    }
+}
+
+fn finish_target(
+    parsed: ParsedUrl,
+    r: &RawReplica,
+    top: &TopCredentials,
+    env: Env,
+) -> Result<(Target, &'static str), ConfigError> {
+    match parsed {
+        ParsedUrl::File(dir) => Ok((Target::File { dir }, "file")),
+        ParsedUrl::S3(s3) => {
+            let creds = resolve_credentials(
+                r.access_key_id.clone(),
+                r.secret_access_key.clone(),
+                top,
+                env,
+            )?;
+            Ok((Target::S3(s3.finish(creds)), "s3"))
+        }
+    }
+}
+
+/// Static credentials in Litestream's order: replica keys, top-level keys, `LITESTREAM_*`,
+/// then `AWS_*`. There is deliberately no instance-metadata fallback: a missing key is a
+/// startup error, not a silent network lookup.
+fn resolve_credentials(
+    key: Option<String>,
+    secret: Option<String>,
+    top: &TopCredentials,
+    env: Env,
+) -> Result<Credentials, ConfigError> {
+    let key = key.filter(|s| !s.is_empty());
+    let secret = secret.filter(|s| !s.is_empty());
+    let (key, secret, token) = if key.is_some() || secret.is_some() {
+        (key, secret, None)
+    } else if top.access_key_id.is_some() || top.secret_access_key.is_some() {
+        (
+            top.access_key_id.clone(),
+            top.secret_access_key.clone(),
+            None,
+        )
+    } else if non_empty(env, "LITESTREAM_ACCESS_KEY_ID").is_some()
+        || non_empty(env, "LITESTREAM_SECRET_ACCESS_KEY").is_some()
+    {
+        (
+            non_empty(env, "LITESTREAM_ACCESS_KEY_ID"),
+            non_empty(env, "LITESTREAM_SECRET_ACCESS_KEY"),
+            None,
+        )
+    } else {
+        (
+            non_empty(env, "AWS_ACCESS_KEY_ID").or_else(|| non_empty(env, "AWS_ACCESS_KEY")),
+            non_empty(env, "AWS_SECRET_ACCESS_KEY").or_else(|| non_empty(env, "AWS_SECRET_KEY")),
+            non_empty(env, "AWS_SESSION_TOKEN"),
+        )
+    };
+    match (key, secret) {
+        (Some(k), Some(s)) => Ok(Credentials {
+            access_key_id: k,
+            secret_access_key: s,
+            session_token: token,
+        }),
+        (None, None) => Err(ConfigError::Replica(
+            "no S3 credentials: set access-key-id and secret-access-key in the config, \
+             or LITESTREAM_ACCESS_KEY_ID / LITESTREAM_SECRET_ACCESS_KEY, \
+             or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                .into(),
+        )),
+        (Some(_), None) => Err(ConfigError::Replica(
+            "an S3 access key id is set but its secret access key is missing".into(),
+        )),
+        (None, Some(_)) => Err(ConfigError::Replica(
+            "an S3 secret access key is set but its access key id is missing".into(),
+        )),
+    }
+}
+
+struct Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+/// S3 settings gathered from a URL and config fields before credentials are known.
+#[derive(Default, Debug, Clone)]
+struct PartialS3 {
+    bucket: String,
+    prefix: String,
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    skip_verify: bool,
+    /// The endpoint came from a recognised `bucket.<provider>` host, which always needs
+    /// path-style requests.
+    host_form: bool,
+}
+
+impl PartialS3 {
+    fn finish(self, c: Credentials) -> S3Config {
+        let region = self.region.unwrap_or_else(|| "us-east-1".to_string());
+        let force_path_style = self.force_path_style.unwrap_or(self.endpoint.is_some());
+        S3Config {
+            bucket: self.bucket,
+            prefix: self.prefix,
+            endpoint: self.endpoint,
+            region,
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            session_token: c.session_token,
+            force_path_style,
+            skip_verify: self.skip_verify,
+        }
+    }
+}
+
+enum ParsedUrl {
+    File(PathBuf),
+    S3(PartialS3),
+}
+
+/// Builds a replica from a URL given on the command line, with credentials from the
+/// environment.
+pub fn replica_from_url(url: &str, env: Env) -> Result<ReplicaConfig, ConfigError> {
+    let raw = RawReplica {
+        url: Some(url.to_string()),
+        ..RawReplica::default()
+    };
+    let top = TopCredentials {
+        access_key_id: None,
+        secret_access_key: None,
+    };
+    resolve_replica(raw, &top, env)
+}
+
+/// Whether a command-line argument is a replica URL rather than a database path.
+pub fn is_url(s: &str) -> bool {
+    s.contains("://")
+}
+
+fn parse_replica_url(url: &str) -> Result<ParsedUrl, ConfigError> {
+    let bad = |reason: &str| ConfigError::Url {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("expected a scheme such as s3:// or file://"))?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    match scheme {
+        "file" => {
+            if query.is_some() {
+                return Err(bad("file URLs take no query options"));
+            }
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "a file URL needs an absolute path, e.g. file:///var/backups/app",
+                ));
+            }
+            Ok(ParsedUrl::File(PathBuf::from(clean_path(rest))))
+        }
+        "s3" => {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if host.is_empty() {
+                return Err(bad("missing bucket name"));
+            }
+            let mut s3 = detect_provider(host);
+            s3.prefix = clean_path(path).trim_start_matches('/').to_string();
+            if s3.prefix == "." {
+                s3.prefix.clear();
+            }
+            for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+                let v = percent_decode(v);
+                match k {
+                    "endpoint" => s3.endpoint = Some(v),
+                    "region" => s3.region = Some(v),
+                    "force-path-style" | "forcePathStyle" => {
+                        s3.force_path_style = Some(
+                            parse_bool(&v)
+                                .ok_or_else(|| bad("force-path-style must be true or false"))?,
+                        )
+                    }
+                    "skip-verify" | "skipVerify" => {
+                        s3.skip_verify = parse_bool(&v)
+                            .ok_or_else(|| bad("skip-verify must be true or false"))?
+                    }
+                    other => {
+                        return Err(bad(&format!(
+                            "unknown query option {other:?}; expected endpoint, region, \
+                             force-path-style or skip-verify"
+                        )));
+                    }
+                }
+            }
+            if let Some(e) = &s3.endpoint
+                && s3.force_path_style.is_none()
+                && is_local_endpoint(e)
+            {
+                s3.force_path_style = Some(true);
+            }
+            Ok(ParsedUrl::S3(s3))
+        }
+        "gcs" | "abs" | "sftp" | "gs" => Err(bad(&format!(
+            "{scheme}:// replicas are not supported by walden yet; use s3:// or file://"
+        ))),
+        _ => Err(bad("unknown scheme; expected s3:// or file://")),
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len() + 1
+            && let Some(h) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(h, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_local_endpoint(endpoint: &str) -> bool {
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, h)| h)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// Recognises `bucket.<provider host>` forms (Litestream's list plus Cloudflare R2), which
+/// carry the endpoint and region in the host name.
+fn detect_provider(host: &str) -> PartialS3 {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+        _ => (host, None),
+    };
+    let with_port = |h: &str| match port {
+        Some(p) => format!("{h}:{p}"),
+        None => h.to_string(),
+    };
+    let found = |bucket: &str, endpoint: String, region: &str| PartialS3 {
+        bucket: bucket.to_string(),
+        endpoint: Some(endpoint),
+        region: Some(region.to_string()),
+        force_path_style: Some(true),
+        host_form: true,
+        ..PartialS3::default()
+    };
+    if let Some(bucket) = name.strip_suffix(".localhost") {
+        return found(
+            bucket,
+            format!("http://{}", with_port("localhost")),
+            "us-east-1",
+        );
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let n = labels.len();
+    let tail = |k: usize| labels[n.saturating_sub(k)..].join(".");
+    if n >= 5 && tail(2) == "backblazeb2.com" && labels[n - 4] == "s3" {
+        let host = tail(4);
+        return found(
+            &labels[..n - 4].join("."),
+            format!("https://{}", with_port(&host)),
+            labels[n - 3],
+        );
+    }
+    if n >= 4 && tail(3) == "s3.filebase.com" {
+        return found(
+            &labels[..n - 3].join("."),
+            format!("https://{}", with_port("s3.filebase.com")),
+            "us-east-1",
+        );
+    }
+    if n >= 4 && tail(2) == "digitaloceanspaces.com" {
+        let host = tail(3);
+        return found(
+            &labels[..n - 3].join("."),
+            format!("https://{}", with_port(&host)),
+            labels[n - 3],
+        );
+    }
+    if n >= 5 && tail(2) == "scw.cloud" && labels[n - 4] == "s3" {
+        let host = tail(4);
+        return found(
+            &labels[..n - 4].join("."),
+            format!("https://{}", with_port(&host)),
+            labels[n - 3],
+        );
+    }
+    if n >= 4 && tail(2) == "linodeobjects.com" {
+        let host = tail(3);
+        return found(
+            &labels[..n - 3].join("."),
+            format!("https://{}", with_port(&host)),
+            labels[n - 3],
+        );
+    }
+    if n >= 5 && tail(2) == "cloudflarestorage.com" && labels[n - 3] == "r2" {
+        let host = tail(4);
+        return found(
+            &labels[..n - 4].join("."),
+            format!("https://{}", with_port(&host)),
+            "auto",
+        );
+    }
+    PartialS3 {
+        bucket: host.to_string(),
+        ..PartialS3::default()
+    }
+}
+
+/// POSIX `path.Clean` on a slash-separated path, which Litestream uses for URL paths.
+fn clean_path(p: &str) -> String {
+    let absolute = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !absolute {
+                    parts.push("..");
+                }
+            }
+            s => parts.push(s),
+        }
+    }
+    let joined = parts.join("/");
+    match (absolute, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".into(),
+        (false, false) => joined,
+    }
+}
+
+fn expand_tilde(p: &str) -> PathBuf {
+    if let Some(rest) = p.strip_prefix("~/")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return Path::new(&home).join(rest);
+    }
+    PathBuf::from(p)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Litestream's metadata directory name, kept so a database moved from Litestream to Walden
+/// continues its generation instead of starting a new one.
+pub fn default_meta_path(db: &Path) -> PathBuf {
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    db.with_file_name(format!(".{name}-litestream"))
+}
+
+/// A database with replicas given on the command line (`walden replicate DB URL...`).
+pub fn db_from_args(path: &Path, replicas: Vec<ReplicaConfig>) -> DbConfig {
+    let path = absolute(path);
+    DbConfig {
+        meta_path: default_meta_path(&path),
+        path,
+        monitor_interval: DEFAULT_MONITOR_INTERVAL,
+        checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+        min_checkpoint_page_count: DEFAULT_MIN_CHECKPOINT_PAGES,
+        max_checkpoint_page_count: DEFAULT_MAX_CHECKPOINT_PAGES,
+        truncate_wal_bytes: DEFAULT_TRUNCATE_WAL_BYTES,
+        replicas,
+    }
+}
+
+/// Finds the config file: the flag, then `$WALDEN_CONFIG`, `$LITESTREAM_CONFIG`,
+/// `./walden.yml`, `/etc/walden.yml`, `/etc/litestream.yml`.
+pub fn locate(flag: Option<&Path>, env: Env) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(expand_tilde(&p.to_string_lossy()));
+    }
+    for var in ["WALDEN_CONFIG", "LITESTREAM_CONFIG"] {
+        if let Some(p) = non_empty(env, var) {
+            return Some(expand_tilde(&p));
+        }
+    }
+    ["walden.yml", "/etc/walden.yml", "/etc/litestream.yml"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+impl Config {
+    /// The database entry whose path is `path`, compared after making both absolute.
+    pub fn db(&self, path: &Path) -> Option<&DbConfig> {
+        let want = absolute(path);
+        self.dbs.iter().find(|d| d.path == want)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn durations_follow_go_syntax() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        let e = parse_duration("10").unwrap_err().to_string();
+        assert!(e.contains("add a unit"), "{e}");
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+    }
+
+    #[test]
+    fn env_expansion_supports_defaults_and_escapes() {
+        let env = env_of(&[("A", "x"), ("EMPTY", "")]);
+        let e = expand_env(
+            "$A ${A} ${B:-d} ${B-e} $$A ${EMPTY:-f}|${EMPTY-g}| $UNSET_X",
+            &env,
+        );
+        assert_eq!(e.text, "x x d e $A f|| ");
+        assert_eq!(e.unset.into_iter().collect::<Vec<_>>(), vec!["UNSET_X"]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggestion() {
+        let text =
+            "dbs:\n  - path: /tmp/a.db\n    replicas:\n      - type: s3\n        bukket: b\n";
+        let err = parse(text, "w.yml", &env_of(&[])).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "w.yml:5: `bukket` is not a key; did you mean `bucket`?"
+        );
+    }
+
+    #[test]
+    fn s3_replica_with_endpoint_and_env_credentials() {
+        let text = "dbs:\n  - path: /tmp/a.db\n    replicas:\n      - type: s3\n        bucket: b\n        path: app\n        endpoint: http://127.0.0.1:9000\n";
+        let env = env_of(&[
+            ("LITESTREAM_ACCESS_KEY_ID", "K"),
+            ("LITESTREAM_SECRET_ACCESS_KEY", "S"),
+        ]);
+        let cfg = parse(text, "w.yml", &env).unwrap();
+        let r = &cfg.dbs[0].replicas[0];
+        assert_eq!(r.name, "s3");
+        let Target::S3(s3) = &r.target else {
+            panic!("not s3")
+        };
+        assert_eq!(s3.bucket, "b");
+        assert_eq!(s3.prefix, "app");
+        assert!(s3.force_path_style);
+        assert_eq!(s3.access_key_id, "K");
+        assert_eq!(cfg.dbs[0].meta_path, PathBuf::from("/tmp/.a.db-litestream"));
+    }
+
+    #[test]
+    fn bucket_without_type_is_s3() {
+        let text = "dbs:\n  - path: /tmp/a.db\n    replicas:\n      - bucket: b\n        access-key-id: K\n        secret-access-key: S\n";
+        let cfg = parse(text, "w.yml", &env_of(&[])).unwrap();
+        assert_eq!(cfg.dbs[0].replicas[0].target.kind(), "s3");
+    }
+
+    #[test]
+    fn missing_credentials_is_an_error() {
+        let text = "dbs:\n  - path: /tmp/a.db\n    replicas:\n      - url: s3://b/p\n";
+        let err = parse(text, "w.yml", &env_of(&[])).unwrap_err().to_string();
+        assert!(err.contains("no S3 credentials"), "{err}");
+    }
+
+    #[test]
+    fn urls() {
+        let env = env_of(&[("AWS_ACCESS_KEY_ID", "K"), ("AWS_SECRET_ACCESS_KEY", "S")]);
+        let r = replica_from_url("s3://bkt.localhost:8333/a/b/", &env).unwrap();
+        let Target::S3(s3) = r.target else { panic!() };
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("bkt", "a/b"));
+        assert_eq!(s3.endpoint.as_deref(), Some("http://localhost:8333"));
+        let r = replica_from_url("s3://bkt/p?endpoint=http://127.0.0.1:1&region=x", &env).unwrap();
+        let Target::S3(s3) = r.target else { panic!() };
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:1"));
+        assert!(s3.force_path_style);
+        assert_eq!(s3.region, "x");
+        let r = replica_from_url("s3://bkt.s3.us-west-001.backblazeb2.com/db", &env).unwrap();
+        let Target::S3(s3) = r.target else { panic!() };
+        assert_eq!(s3.bucket, "bkt");
+        assert_eq!(s3.region, "us-west-001");
+        assert_eq!(
+            s3.endpoint.as_deref(),
+            Some("https://s3.us-west-001.backblazeb2.com")
+        );
+        let r = replica_from_url("file:///var/x/../y/", &env).unwrap();
+        let Target::File { dir } = r.target else {
+            panic!()
+        };
+        assert_eq!(dir, PathBuf::from("/var/y"));
+        assert!(replica_from_url("ftp://x", &env).is_err());
+        assert!(replica_from_url("s3://b/p?bogus=1", &env).is_err());
+    }
+}

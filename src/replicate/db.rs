@@ -1,0 +1,863 @@
+//! The database side of replication: SQLite's WAL copied into the shadow WAL.
+//!
+//! SQLite overwrites its WAL after a checkpoint, so committed frames are first copied, whole
+//! transactions only, into append-only shadow files under `.<db>-litestream/`; uploads read
+//! from there at their own pace. A long-running read transaction keeps SQLite from restarting
+//! the WAL behind our back, and checkpoints are ours to run, so no frame is overwritten before
+//! it was copied. The layout of the metadata directory is Litestream's, so a database can move
+//! between the two tools and keep its generation.
+//!
+//! Everything here is blocking (SQLite and file I/O); the async engine calls it on the blocking
+//! pool.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::DbConfig;
+use crate::format::{self, Pos};
+use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("sqlite error on {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not in WAL mode and cannot be converted (journal_mode is {mode}); \
+         close other connections that hold it in another mode"
+    )]
+    NotWal { path: PathBuf, mode: String },
+    #[error("{path}: wal header: {source}")]
+    Wal {
+        path: PathBuf,
+        source: wal::WalError,
+    },
+    #[error("{path}: {source}")]
+    Format {
+        path: PathBuf,
+        source: format::FormatError,
+    },
+    /// The database was busy; the operation is retried on a later tick.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// Checkpoint modes, named as SQLite names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointMode {
+    Passive,
+    Restart,
+    Truncate,
+}
+
+impl CheckpointMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointMode::Passive => "PASSIVE",
+            CheckpointMode::Restart => "RESTART",
+            CheckpointMode::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// What the uploaders need to know after a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub generation: String,
+    /// Current shadow index and its committed, frame-aligned size.
+    pub pos: Pos,
+}
+
+/// A snapshot compressed to a local file, waiting for every replica to upload it. The file is
+/// removed when the last holder lets go of it.
+#[derive(Debug)]
+pub struct LocalSnapshot {
+    pub generation: String,
+    pub index: u32,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+impl Drop for LocalSnapshot {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// What one sync did, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub new_generation: Option<String>,
+    pub reason: Option<&'static str>,
+    pub bytes_copied: u64,
+    pub checkpoint: Option<(CheckpointMode, Result<(), String>)>,
+}
+
+struct Shadow {
+    generation: String,
+    index: u32,
+    /// Committed, frame-aligned length of the shadow file.
+    size: u64,
+    header: WalHeader,
+    /// Running checksum at `size`, which the next frame must continue.
+    checksum: (u32, u32),
+}
+
+pub struct Db {
+    cfg: DbConfig,
+    wal_path: PathBuf,
+    conn: Option<Connection>,
+    reader: Option<Connection>,
+    page_size: u32,
+    shadow: Option<Shadow>,
+}
+
+/// Shadow files stop growing well before offsets reach the 4 GiB that v0.3.13's 8-digit names
+/// can hold; a WAL that grows past this (checkpoints blocked for a long time) starts a new
+/// generation instead of writing names v0.3.13 would silently skip.
+const MAX_SHADOW_SIZE: u64 = 0xF000_0000;
+/// Frames are copied in chunks so memory stays bounded whatever the transaction size.
+const COPY_CHUNK: u64 = 4 << 20;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Db {
+    pub fn new(cfg: DbConfig) -> Db {
+        let mut wal = cfg.path.clone().into_os_string();
+        wal.push("-wal");
+        Db {
+            cfg,
+            wal_path: PathBuf::from(wal),
+            conn: None,
+            reader: None,
+            page_size: 0,
+            shadow: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    pub fn config(&self) -> &DbConfig {
+        &self.cfg
+    }
+
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    pub fn position(&self) -> Option<Position> {
+        self.shadow.as_ref().map(|s| Position {
+            generation: s.generation.clone(),
+            pos: Pos {
+                index: s.index,
+                offset: s.size,
+            },
+        })
+    }
+
+    /// Size of the real WAL file, for metrics and health.
+    pub fn wal_size(&self) -> u64 {
+        fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn sqlite_err(&self, source: rusqlite::Error) -> DbError {
+        DbError::Sqlite {
+            path: self.cfg.path.clone(),
+            source,
+        }
+    }
+
+    fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DbError + '_ {
+        move |source| DbError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn generation_file(&self) -> PathBuf {
+        self.cfg.meta_path.join("generation")
+    }
+
+    fn generation_dir(&self, generation: &str) -> PathBuf {
+        self.cfg.meta_path.join("generations").join(generation)
+    }
+
+    fn shadow_path(&self, generation: &str, index: u32) -> PathBuf {
+        shadow_file(&self.cfg.meta_path, generation, index)
+    }
+
+    /// Opens the database on the first tick where it exists. Returns false while it does not.
+    pub fn open(&mut self) -> Result<bool, DbError> {
+        if self.conn.is_some() {
+            return Ok(true);
+        }
+        if !self.cfg.path.exists() {
+            return Ok(false);
+        }
+        let conn = self.connect()?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
+            .map_err(|e| self.sqlite_err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(DbError::NotWal {
+                path: self.cfg.path.clone(),
+                mode,
+            });
+        }
+        conn.execute_batch(
+            "PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE IF NOT EXISTS _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER);
+             CREATE TABLE IF NOT EXISTS _litestream_lock (id INTEGER);",
+        )
+        .map_err(|e| self.sqlite_err(e))?;
+        self.page_size = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| self.sqlite_err(e))?;
+        let reader = self.connect()?;
+        self.conn = Some(conn);
+        self.reader = Some(reader);
+        self.begin_read()?;
+        fs::create_dir_all(&self.cfg.meta_path).map_err(Self::io_err(&self.cfg.meta_path))?;
+        remove_tmp_files(&self.cfg.meta_path);
+        self.load_shadow();
+        self.remove_stale_generations();
+        Ok(true)
+    }
+
+    fn connect(&self) -> Result<Connection, DbError> {
+        let conn = Connection::open_with_flags(
+            &self.cfg.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| self.sqlite_err(e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| self.sqlite_err(e))?;
+        conn.execute_batch("PRAGMA cache_size = -256")
+            .map_err(|e| self.sqlite_err(e))?;
+        persist_wal(&conn);
+        Ok(conn)
+    }
+
+    fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("database is open")
+    }
+
+    fn reader(&self) -> &Connection {
+        self.reader.as_ref().expect("database is open")
+    }
+
+    /// Holds a read transaction so no other connection can restart the WAL and overwrite
+    /// frames that are not copied yet.
+    fn begin_read(&self) -> Result<(), DbError> {
+        self.reader()
+            .execute_batch("BEGIN; SELECT COUNT(1) FROM _litestream_seq;")
+            .map_err(|e| self.sqlite_err(e))
+    }
+
+    fn end_read(&self) -> Result<(), DbError> {
+        let r = self.reader();
+        if !r.is_autocommit() {
+            r.execute_batch("ROLLBACK")
+                .map_err(|e| self.sqlite_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a row so SQLite writes a WAL header (and restarts the WAL after a full
+    /// checkpoint) now, rather than at the application's next write.
+    fn bump_seq(&self) -> Result<(), DbError> {
+        self.conn()
+            .execute(
+                "INSERT INTO _litestream_seq (id, seq) VALUES (1, 1)
+                 ON CONFLICT (id) DO UPDATE SET seq = seq + 1",
+                [],
+            )
+            .map(drop)
+            .map_err(|e| self.sqlite_err(e))
+    }
+
+    fn read_real_header(&self) -> Option<WalHeader> {
+        let mut buf = [0u8; WAL_HEADER_SIZE];
+        let f = File::open(&self.wal_path).ok()?;
+        f.read_exact_at(&mut buf, 0).ok()?;
+        WalHeader::parse(&buf).ok()
+    }
+
+    /// Restores the shadow position from disk after a restart, or leaves none (which starts a
+    /// new generation) when the shadow no longer matches the real WAL.
+    fn load_shadow(&mut self) {
+        self.shadow = None;
+        let Ok(text) = fs::read_to_string(self.generation_file()) else {
+            return;
+        };
+        let generation = text.trim().to_string();
+        if !format::is_generation(&generation) {
+            return;
+        }
+        let Some(index) = self.max_shadow_index(&generation) else {
+            return;
+        };
+        let path = self.shadow_path(&generation, index);
+        let Ok(f) = File::open(&path) else { return };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut hbuf = [0u8; WAL_HEADER_SIZE];
+        if f.read_exact_at(&mut hbuf, 0).is_err() {
+            return;
+        }
+        let Ok(header) = WalHeader::parse(&hbuf) else {
+            return;
+        };
+        if self.read_real_header() != Some(header) {
+            tracing::warn!(db = %self.cfg.path.display(), "wal header changed while not running; starting a new generation");
+            return;
+        }
+        let size = wal::align(len, header.page_size);
+        let checksum = if size > WAL_HEADER_SIZE as u64 {
+            let fsz = wal::frame_size(header.page_size);
+            let mut fh = [0u8; wal::FRAME_HEADER_SIZE];
+            if f.read_exact_at(&mut fh, size - fsz).is_err() {
+                return;
+            }
+            let h = FrameHeader::parse(&fh);
+            (h.checksum1, h.checksum2)
+        } else {
+            header.checksum()
+        };
+        self.shadow = Some(Shadow {
+            generation,
+            index,
+            size,
+            header,
+            checksum,
+        });
+    }
+
+    fn shadow_indexes(&self, generation: &str) -> Vec<u32> {
+        let dir = self.generation_dir(generation).join("wal");
+        let mut out: Vec<u32> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let hex = name.strip_suffix(".wal")?;
+                (hex.len() == 8).then(|| u32::from_str_radix(hex, 16).ok())?
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn max_shadow_index(&self, generation: &str) -> Option<u32> {
+        self.shadow_indexes(generation).last().copied()
+    }
+
+    fn remove_stale_generations(&self) {
+        let current = self.shadow.as_ref().map(|s| s.generation.as_str());
+        let dir = self.cfg.meta_path.join("generations");
+        for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if Some(e.file_name().to_string_lossy().as_ref()) != current {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Removes shadow files every replica has uploaded: those below `keep_from`, keeping one
+    /// extra as Litestream does.
+    pub fn remove_shadow_before(&self, keep_from: u32) {
+        let Some(s) = &self.shadow else { return };
+        for index in self.shadow_indexes(&s.generation) {
+            if index.saturating_add(1) < keep_from && index < s.index {
+                let _ = fs::remove_file(self.shadow_path(&s.generation, index));
+            }
+        }
+    }
+
+    /// One tick: open if needed, copy new committed frames into the shadow WAL (starting a new
+    /// generation when the shadow cannot continue), then checkpoint if a threshold is reached.
+    pub fn sync(&mut self) -> Result<SyncReport, DbError> {
+        let mut report = SyncReport::default();
+        if !self.open()? {
+            return Ok(report);
+        }
+        if self.wal_size() < WAL_HEADER_SIZE as u64 {
+            self.bump_seq()?;
+        }
+        let orig_wal = wal::align(self.wal_size(), self.page_size);
+        report.bytes_copied = self.copy(&mut report)?;
+        if let Some(mode) = self.checkpoint_due(orig_wal) {
+            let result = self.checkpoint(mode).map_err(|e| e.to_string());
+            report.checkpoint = Some((mode, result));
+        }
+        Ok(report)
+    }
+
+    /// Verifies the shadow against the real WAL and copies; the reason a new generation is
+    /// needed, if any, goes into the report.
+    fn copy(&mut self, report: &mut SyncReport) -> Result<u64, DbError> {
+        let (reason, restart) = self.verify();
+        if let Some(reason) = reason {
+            let generation = self.new_generation()?;
+            tracing::info!(db = %self.cfg.path.display(), generation = %generation, reason, "new generation");
+            report.new_generation = Some(generation);
+            report.reason = Some(reason);
+            return Ok(self.shadow.as_ref().map_or(0, |s| s.size));
+        }
+        let mut copied = self.copy_frames()?;
+        if restart {
+            copied += self.start_next_index()?;
+        }
+        Ok(copied)
+    }
+
+    fn verify(&self) -> (Option<&'static str>, bool) {
+        let Some(s) = &self.shadow else {
+            return (Some("no generation exists"), false);
+        };
+        if s.index >= format::MAX_INDEX {
+            return (Some("max index exceeded"), false);
+        }
+        if s.size >= MAX_SHADOW_SIZE {
+            return (Some("wal index reached 4 GiB"), false);
+        }
+        let shadow_path = self.shadow_path(&s.generation, s.index);
+        let Ok(meta) = fs::metadata(&shadow_path) else {
+            return (Some("no shadow wal"), false);
+        };
+        if meta.len() < WAL_HEADER_SIZE as u64 {
+            return (Some("short shadow wal"), false);
+        }
+        let real_size = wal::align(self.wal_size(), self.page_size);
+        if real_size < s.size {
+            return (Some("wal truncated by another process"), false);
+        }
+        let restart = self.read_real_header() != Some(s.header);
+        if s.size == WAL_HEADER_SIZE as u64 {
+            if restart {
+                return (Some("wal header only, mismatched"), false);
+            }
+            return (None, false);
+        }
+        let fsz = wal::frame_size(self.page_size);
+        let mut a = vec![0u8; fsz as usize];
+        let mut b = vec![0u8; fsz as usize];
+        let same = File::open(&shadow_path)
+            .and_then(|f| f.read_exact_at(&mut a, s.size - fsz))
+            .and_then(|_| File::open(&self.wal_path)?.read_exact_at(&mut b, s.size - fsz))
+            .map(|_| a == b)
+            .unwrap_or(false);
+        if !same {
+            return (Some("wal overwritten by another process"), false);
+        }
+        (None, restart)
+    }
+
+    /// Starts a generation from the real WAL as it is now: index 0 holds its header and every
+    /// valid committed frame. Its snapshot is taken separately, at the next index.
+    fn new_generation(&mut self) -> Result<String, DbError> {
+        let header = match self.read_real_header() {
+            Some(h) => h,
+            None => {
+                self.bump_seq()?;
+                self.read_real_header().ok_or_else(|| {
+                    DbError::Busy(format!(
+                        "{}: wal has no valid header yet",
+                        self.cfg.path.display()
+                    ))
+                })?
+            }
+        };
+        let generation = format::new_generation();
+        let path = self.shadow_path(&generation, 0);
+        let dir = path.parent().expect("shadow path has a parent");
+        fs::create_dir_all(dir).map_err(Self::io_err(dir))?;
+        let mut hbuf = [0u8; WAL_HEADER_SIZE];
+        File::open(&self.wal_path)
+            .and_then(|f| f.read_exact_at(&mut hbuf, 0))
+            .map_err(Self::io_err(&self.wal_path))?;
+        write_new_file(&path, &hbuf)?;
+        self.shadow = Some(Shadow {
+            generation: generation.clone(),
+            index: 0,
+            size: WAL_HEADER_SIZE as u64,
+            header,
+            checksum: header.checksum(),
+        });
+        self.copy_frames()?;
+        let gen_file = self.generation_file();
+        write_atomic(&gen_file, format!("{generation}\n").as_bytes())?;
+        self.remove_stale_generations();
+        Ok(generation)
+    }
+
+    /// Copies the remaining old-incarnation frames are already in; opens shadow index+1 from
+    /// the real WAL's new header and copies its frames.
+    fn start_next_index(&mut self) -> Result<u64, DbError> {
+        let Some(header) = self.read_real_header() else {
+            return Ok(0);
+        };
+        let s = self.shadow.as_mut().expect("shadow exists");
+        let index = s.index + 1;
+        let generation = s.generation.clone();
+        let path = self.shadow_path(&generation, index);
+        let mut hbuf = [0u8; WAL_HEADER_SIZE];
+        File::open(&self.wal_path)
+            .and_then(|f| f.read_exact_at(&mut hbuf, 0))
+            .map_err(Self::io_err(&self.wal_path))?;
+        write_new_file(&path, &hbuf)?;
+        self.shadow = Some(Shadow {
+            generation,
+            index,
+            size: WAL_HEADER_SIZE as u64,
+            header,
+            checksum: header.checksum(),
+        });
+        self.copy_frames()
+    }
+
+    /// Appends every valid committed frame after the shadow's end; frames of a transaction
+    /// that has not committed yet are left for a later tick.
+    fn copy_frames(&mut self) -> Result<u64, DbError> {
+        let s = self.shadow.as_ref().expect("shadow exists");
+        let shadow_path = self.shadow_path(&s.generation, s.index);
+        let real = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Self::io_err(&self.wal_path)(e)),
+        };
+        let real_len = real.metadata().map_err(Self::io_err(&self.wal_path))?.len();
+        let page_size = s.header.page_size;
+        let fsz = wal::frame_size(page_size);
+        let end = wal::align(real_len, page_size).min(MAX_SHADOW_SIZE);
+        if end <= s.size {
+            return Ok(0);
+        }
+        let out = OpenOptions::new()
+            .write(true)
+            .open(&shadow_path)
+            .map_err(Self::io_err(&shadow_path))?;
+        let be = s.header.big_endian_checksums();
+        let (salt1, salt2) = (s.header.salt1, s.header.salt2);
+        let start = s.size;
+        let mut off = s.size;
+        let mut ck = s.checksum;
+        let mut committed = (off, ck);
+        let chunk_frames = (COPY_CHUNK / fsz).max(1);
+        let mut buf = Vec::new();
+        'outer: while off < end {
+            let n = ((end - off) / fsz).min(chunk_frames);
+            buf.resize((n * fsz) as usize, 0);
+            real.read_exact_at(&mut buf, off)
+                .map_err(Self::io_err(&self.wal_path))?;
+            let mut valid = 0usize;
+            for frame in buf.chunks_exact(fsz as usize) {
+                let h = FrameHeader::parse(frame);
+                if h.salt1 != salt1 || h.salt2 != salt2 {
+                    break;
+                }
+                let c = wal::checksum(be, ck, &frame[..8]);
+                let c = wal::checksum(be, c, &frame[wal::FRAME_HEADER_SIZE..]);
+                if c != (h.checksum1, h.checksum2) {
+                    break;
+                }
+                ck = c;
+                valid += frame.len();
+                if h.commit != 0 {
+                    committed = (off + valid as u64, ck);
+                }
+            }
+            if valid > 0 {
+                out.write_all_at(&buf[..valid], off)
+                    .map_err(Self::io_err(&shadow_path))?;
+            }
+            off += valid as u64;
+            if valid < buf.len() {
+                break 'outer;
+            }
+        }
+        if off > committed.0 {
+            out.set_len(committed.0)
+                .map_err(Self::io_err(&shadow_path))?;
+        }
+        if committed.0 > start {
+            out.sync_data().map_err(Self::io_err(&shadow_path))?;
+        }
+        let s = self.shadow.as_mut().expect("shadow exists");
+        s.size = committed.0;
+        s.checksum = committed.1;
+        Ok(committed.0 - start)
+    }
+
+    fn checkpoint_due(&self, orig_wal: u64) -> Option<CheckpointMode> {
+        let s = self.shadow.as_ref()?;
+        let calc = |pages: u32| {
+            WAL_HEADER_SIZE as u64 + wal::frame_size(self.page_size) * u64::from(pages)
+        };
+        if orig_wal >= self.cfg.truncate_wal_bytes {
+            return Some(CheckpointMode::Truncate);
+        }
+        if self.cfg.max_checkpoint_page_count > 0
+            && s.size >= calc(self.cfg.max_checkpoint_page_count)
+        {
+            return Some(CheckpointMode::Restart);
+        }
+        if s.size >= calc(self.cfg.min_checkpoint_page_count) {
+            return Some(CheckpointMode::Passive);
+        }
+        if !self.cfg.checkpoint_interval.is_zero() && s.size > calc(1) {
+            let modified = fs::metadata(&self.cfg.path)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::now());
+            if modified.elapsed().unwrap_or_default() > self.cfg.checkpoint_interval {
+                return Some(CheckpointMode::Passive);
+            }
+        }
+        None
+    }
+
+    /// Runs a checkpoint of ours: everything is copied first, and if SQLite restarts the WAL
+    /// the old frames are all in the shadow before the new ones arrive, because the restart is
+    /// forced while we hold the write lock.
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<(), DbError> {
+        self.copy_frames()?;
+        self.end_read()?;
+        let result = self.run_checkpoint(mode);
+        let locked = self.with_write_lock(|db| {
+            let mut report = SyncReport::default();
+            db.copy(&mut report)?;
+            db.bump_seq()
+        });
+        self.begin_read()?;
+        let mut report = SyncReport::default();
+        self.copy(&mut report)?;
+        result.and(locked)
+    }
+
+    fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64), DbError> {
+        self.conn()
+            .query_row(
+                &format!("PRAGMA wal_checkpoint({})", mode.as_str()),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(|e| self.sqlite_err(e))
+    }
+
+    /// Runs `f` holding SQLite's write lock, so no application transaction commits meanwhile.
+    fn with_write_lock<T>(
+        &mut self,
+        f: impl FnOnce(&mut Db) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        self.conn()
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy) => DbError::Busy(format!(
+                    "{}: database busy, will retry",
+                    self.cfg.path.display()
+                )),
+                _ => self.sqlite_err(e),
+            })?;
+        let result = f(self);
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let finish = self
+            .conn()
+            .execute_batch(end)
+            .map_err(|e| self.sqlite_err(e));
+        let value = result?;
+        finish?;
+        Ok(value)
+    }
+
+    /// Takes a snapshot that is exactly the database state at the start of a new WAL index.
+    ///
+    /// Litestream copies the database file while application checkpoints may be writing into
+    /// it, so its snapshots can hold page versions from later in the WAL, and a point-in-time
+    /// restore that stops early mixes versions. Here the WAL is fully backfilled under the
+    /// write lock, a reader is started while nothing is left in the WAL (SQLite then gives it
+    /// read slot 0, which forbids any backfill while it is held, so the file cannot change),
+    /// and a write forces the WAL to restart. The file read under that reader is the state at
+    /// offset 0 of the new index, and any prefix of the WAL from there restores exactly.
+    pub fn snapshot(&mut self) -> Result<LocalSnapshot, DbError> {
+        if !self.open()? {
+            return Err(DbError::Busy(format!(
+                "{}: database does not exist yet",
+                self.cfg.path.display()
+            )));
+        }
+        let mut report = SyncReport::default();
+        self.copy(&mut report)?;
+        self.end_read()?;
+        let before = match self.freeze_for_snapshot() {
+            Ok(h) => h,
+            Err(e) => {
+                self.end_read()?;
+                self.begin_read()?;
+                return Err(e);
+            }
+        };
+        let outcome = self.snapshot_under_reader(before);
+        self.end_read()?;
+        self.begin_read()?;
+        outcome
+    }
+
+    /// Leaves the reader on read slot 0 over a fully backfilled WAL and forces the WAL to
+    /// restart. The write lock is held while the WAL is drained, then released before the
+    /// forcing write: SQLite restarts the WAL only for a writer whose own read began after the
+    /// backfill, and whichever writer comes first (ours or the application's) does that.
+    fn freeze_for_snapshot(&mut self) -> Result<Option<WalHeader>, DbError> {
+        let before = self.with_write_lock(|db| {
+            let mut report = SyncReport::default();
+            db.copy(&mut report)?;
+            let (busy, log, done) = db
+                .reader()
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(|e| db.sqlite_err(e))?;
+            if busy != 0 || log != done {
+                return Err(DbError::Busy(format!(
+                    "{}: readers prevent a full checkpoint ({done} of {log} frames); \
+                     snapshot retried later",
+                    db.cfg.path.display()
+                )));
+            }
+            db.begin_read()?;
+            Ok(db.read_real_header())
+        })?;
+        self.bump_seq()?;
+        Ok(before)
+    }
+
+    fn snapshot_under_reader(
+        &mut self,
+        before: Option<WalHeader>,
+    ) -> Result<LocalSnapshot, DbError> {
+        if self.read_real_header() == before {
+            return Err(DbError::Busy(format!(
+                "{}: wal did not restart (other readers are open); snapshot retried later",
+                self.cfg.path.display()
+            )));
+        }
+        let mut report = SyncReport::default();
+        self.copy(&mut report)?;
+        let s = self.shadow.as_ref().expect("shadow exists");
+        let generation = s.generation.clone();
+        let index = s.index;
+        let dir = self.generation_dir(&generation).join("snapshots");
+        fs::create_dir_all(&dir).map_err(Self::io_err(&dir))?;
+        let path = dir.join(format::snapshot_name(index));
+        let tmp = path.with_extension("lz4.tmp");
+        let size = compress_file(&self.cfg.path, &tmp)?;
+        fs::rename(&tmp, &path).map_err(Self::io_err(&path))?;
+        Ok(LocalSnapshot {
+            generation,
+            index,
+            path,
+            size,
+        })
+    }
+
+    /// Releases SQLite resources; the shadow stays on disk for the next run.
+    pub fn close(&mut self) {
+        if self.reader.is_some() {
+            let _ = self.end_read();
+        }
+        self.reader = None;
+        self.conn = None;
+    }
+}
+
+/// Path of the shadow WAL file for one index, in Litestream's metadata layout; uploaders read
+/// these files directly.
+pub fn shadow_file(meta: &Path, generation: &str, index: u32) -> PathBuf {
+    meta.join("generations")
+        .join(generation)
+        .join("wal")
+        .join(format!("{index:08x}.wal"))
+}
+
+/// Sets `SQLITE_FCNTL_PERSIST_WAL` so SQLite never deletes the WAL when our connections close:
+/// a deleted WAL breaks continuity and would force a new generation.
+fn persist_wal(conn: &Connection) {
+    let mut on: std::ffi::c_int = 1;
+    // SAFETY: the handle is valid for the lifetime of `conn`, the database name is a valid C
+    // string, and PERSIST_WAL takes a pointer to an int that outlives the call.
+    unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::ffi::c_int).cast(),
+        );
+    }
+}
+
+fn remove_tmp_files(dir: &Path) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_tmp_files(&p);
+        } else if p.extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn write_new_file(path: &Path, data: &[u8]) -> Result<(), DbError> {
+    let mut f = File::create(path).map_err(Db::io_err(path))?;
+    f.write_all(data).map_err(Db::io_err(path))?;
+    f.sync_all().map_err(Db::io_err(path))
+}
+
+/// Writes a file through a temporary name and a rename so readers never see half of it.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DbError> {
+    let tmp = path.with_extension("tmp");
+    write_new_file(&tmp, data)?;
+    fs::rename(&tmp, path).map_err(Db::io_err(path))
+}
+
+/// Streams a file through the LZ4 frame encoder into `dest`; memory stays at one block.
+fn compress_file(src: &Path, dest: &Path) -> Result<u64, DbError> {
+    let mut input = File::open(src).map_err(Db::io_err(src))?;
+    let out = File::create(dest).map_err(Db::io_err(dest))?;
+    let mut enc = format::lz4_encoder(std::io::BufWriter::new(out));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf).map_err(Db::io_err(src))?;
+        if n == 0 {
+            break;
+        }
+        enc.write_all(&buf[..n]).map_err(Db::io_err(dest))?;
+    }
+    let w = enc.finish().map_err(|source| DbError::Format {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let f = w
+        .into_inner()
+        .map_err(|e| Db::io_err(dest)(e.into_error()))?;
+    f.sync_all().map_err(Db::io_err(dest))?;
+    Ok(f.metadata().map_err(Db::io_err(dest))?.len())
+}

@@ -1,0 +1,710 @@
+//! The replication engine: one task per database copying its WAL into the shadow WAL, one
+//! task per replica uploading from there.
+//!
+//! The two sides are decoupled on purpose: the database task never waits for the network, so
+//! a slow or unreachable store never holds SQLite's locks, and an upload that fails leaves its
+//! position where it was, so the same bytes are sent again on the next tick and nothing
+//! committed is ever skipped. Shadow files are removed only once every replica has moved past
+//! them.
+
+pub mod db;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DbConfig, ReplicaConfig};
+use crate::format::{self, Pos};
+use crate::replica::Replica;
+use crate::storage::{Body, StorageError};
+use crate::wal;
+use db::{Db, DbError, LocalSnapshot, Position};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{replica}: {source}")]
+    Storage {
+        replica: String,
+        source: StorageError,
+    },
+    #[error("{replica}: object {key} is not a valid lz4 frame: {source}")]
+    Corrupt {
+        replica: String,
+        key: String,
+        source: format::FormatError,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Largest raw WAL range sent as one segment, so an upload never holds more than this in
+/// memory; a larger backlog goes up as several consecutive segments.
+const MAX_SEGMENT: u64 = 8 << 20;
+
+/// The state the database task publishes for its uploaders.
+#[derive(Debug, Clone, Default)]
+pub struct DbStatus {
+    pub position: Option<Position>,
+    pub page_size: u32,
+    pub snapshot: Option<Arc<LocalSnapshot>>,
+    pub last_error: Option<String>,
+    pub wal_size: u64,
+}
+
+/// What operators and health checks see of one replica.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaHealth {
+    /// When the store last confirmed an upload (or confirmed there was nothing to send).
+    pub last_synced_at: Option<SystemTime>,
+    pub last_error: Option<(SystemTime, String)>,
+    pub position: Option<(String, Pos)>,
+}
+
+enum DbCommand {
+    Snapshot,
+    SnapshotUploaded { replica: usize, index: u32 },
+    Sync(oneshot::Sender<Result<(), String>>),
+}
+
+type Positions = Arc<Mutex<Vec<Option<(String, Pos)>>>>;
+
+/// A running database with its replicas.
+pub struct DbHandle {
+    pub path: std::path::PathBuf,
+    pub status: watch::Receiver<DbStatus>,
+    pub replicas: Vec<ReplicaHandle>,
+    commands: mpsc::UnboundedSender<DbCommand>,
+    task: JoinHandle<()>,
+}
+
+pub struct ReplicaHandle {
+    pub name: String,
+    pub health: Arc<Mutex<ReplicaHealth>>,
+    flush: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    task: JoinHandle<()>,
+}
+
+/// Every configured database replicating in this process.
+pub struct Replicator {
+    pub dbs: Vec<DbHandle>,
+    shutdown: CancellationToken,
+}
+
+impl Replicator {
+    /// Opens the stores and starts every task. Databases that do not exist yet are picked up
+    /// on the first tick where they do.
+    pub fn start(config: &Config) -> Result<Replicator, ReplicateError> {
+        let shutdown = CancellationToken::new();
+        let mut dbs = Vec::new();
+        for db in &config.dbs {
+            dbs.push(start_db(db, shutdown.clone())?);
+        }
+        Ok(Replicator { dbs, shutdown })
+    }
+
+    /// Copies what SQLite has committed and uploads it to every replica, returning the
+    /// problems met; used before a child starts and for the final sync.
+    pub async fn sync_all(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for db in &self.dbs {
+            let (tx, rx) = oneshot::channel();
+            if db.commands.send(DbCommand::Sync(tx)).is_err() {
+                errors.push(format!("{}: replication task stopped", db.path.display()));
+                continue;
+            }
+            if let Ok(Err(e)) = rx.await {
+                errors.push(e);
+            }
+            let flushes: Vec<_> = db
+                .replicas
+                .iter()
+                .map(|r| {
+                    let (tx, rx) = oneshot::channel();
+                    let sent = r.flush.send(tx).is_ok();
+                    (r.name.clone(), sent, rx)
+                })
+                .collect();
+            for (name, sent, rx) in flushes {
+                let result = if sent {
+                    rx.await.unwrap_or(Err("replica task stopped".into()))
+                } else {
+                    Err("replica task stopped".into())
+                };
+                if let Err(e) = result {
+                    errors.push(format!("{} replica {name}: {e}", db.path.display()));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Final sync bounded by `timeout`, then stops every task. Returns the problems met; an
+    /// empty list means every committed transaction reached every replica.
+    pub async fn shutdown(self, timeout: Duration) -> Vec<String> {
+        let errors = match tokio::time::timeout(timeout, self.sync_all()).await {
+            Ok(errors) => errors,
+            Err(_) => vec![format!("final sync did not finish within {timeout:?}")],
+        };
+        self.shutdown.cancel();
+        for db in self.dbs {
+            for r in db.replicas {
+                let _ = r.task.await;
+            }
+            let _ = db.task.await;
+        }
+        errors
+    }
+}
+
+fn start_db(cfg: &DbConfig, shutdown: CancellationToken) -> Result<DbHandle, ReplicateError> {
+    let (status_tx, status_rx) = watch::channel(DbStatus::default());
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let positions: Positions = Arc::new(Mutex::new(vec![None; cfg.replicas.len()]));
+    let mut replicas = Vec::new();
+    for (i, rc) in cfg.replicas.iter().enumerate() {
+        let replica = Replica::open(rc).map_err(|source| ReplicateError::Storage {
+            replica: rc.name.clone(),
+            source,
+        })?;
+        tracing::info!(db = %cfg.path.display(), name = %rc.name, target = %replica.describe(),
+            sync_interval = %crate::config::format_duration(rc.sync_interval), "replicating to");
+        let health = Arc::new(Mutex::new(ReplicaHealth::default()));
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let task = Uploader {
+            idx: i,
+            cfg: rc.clone(),
+            replica,
+            meta_path: cfg.meta_path.clone(),
+            db_path: cfg.path.clone(),
+            status: status_rx.clone(),
+            commands: cmd_tx.clone(),
+            positions: positions.clone(),
+            health: health.clone(),
+            pos: None,
+            last_snapshot_at: None,
+            snapshot_requested: false,
+            uploaded_snapshot: None,
+        };
+        let task = tokio::spawn(task.run(flush_rx, shutdown.clone()));
+        replicas.push(ReplicaHandle {
+            name: rc.name.clone(),
+            health,
+            flush: flush_tx,
+            task,
+        });
+    }
+    let db = Db::new(cfg.clone());
+    let task = tokio::spawn(run_db(
+        db,
+        cfg.monitor_interval,
+        status_tx,
+        cmd_rx,
+        positions,
+        shutdown,
+    ));
+    Ok(DbHandle {
+        path: cfg.path.clone(),
+        status: status_rx,
+        replicas,
+        commands: cmd_tx,
+        task,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    db: &Arc<Mutex<Db>>,
+    f: impl FnOnce(&mut Db) -> T + Send + 'static,
+) -> T {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || f(&mut db.lock().expect("db lock poisoned")))
+        .await
+        .expect("blocking task panicked")
+}
+
+async fn run_db(
+    db: Db,
+    interval: Duration,
+    status: watch::Sender<DbStatus>,
+    mut commands: mpsc::UnboundedReceiver<DbCommand>,
+    positions: Positions,
+    shutdown: CancellationToken,
+) {
+    let path = db.path().to_path_buf();
+    let replica_count = db.config().replicas.len();
+    let db = Arc::new(Mutex::new(db));
+    let mut ticker = tokio::time::interval(if interval.is_zero() {
+        Duration::from_secs(3600 * 24 * 365)
+    } else {
+        interval
+    });
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot_wanted = false;
+    let mut acks: Vec<bool> = vec![false; replica_count];
+    let mut last_logged_error: Option<String> = None;
+    loop {
+        let mut reply = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+            cmd = commands.recv() => match cmd {
+                None => break,
+                Some(DbCommand::Snapshot) => { snapshot_wanted = true; continue; }
+                Some(DbCommand::SnapshotUploaded { replica, index }) => {
+                    let current = status.borrow().snapshot.as_ref().map(|s| s.index);
+                    if current == Some(index) {
+                        acks[replica] = true;
+                        if acks.iter().all(|a| *a) {
+                            status.send_modify(|s| s.snapshot = None);
+                        }
+                    }
+                    continue;
+                }
+                Some(DbCommand::Sync(tx)) => reply = Some(tx),
+            },
+        }
+        let result = blocking(&db, |db| {
+            let report = db.sync()?;
+            Ok::<_, DbError>((report, db.position(), db.page_size(), db.wal_size()))
+        })
+        .await;
+        let outcome = match result {
+            Ok((report, position, page_size, wal_size)) => {
+                if let Some((mode, Err(e))) = &report.checkpoint {
+                    tracing::info!(db = %path.display(), mode = mode.as_str(), error = %e, "checkpoint failed");
+                }
+                if report.new_generation.is_some() {
+                    snapshot_wanted = true;
+                }
+                status.send_if_modified(|s| {
+                    let changed = s.position != position
+                        || s.page_size != page_size
+                        || s.last_error.is_some();
+                    s.position = position;
+                    s.page_size = page_size;
+                    s.wal_size = wal_size;
+                    s.last_error = None;
+                    changed
+                });
+                last_logged_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_logged_error.as_deref() != Some(&msg) {
+                    tracing::error!(db = %path.display(), error = %msg, "sync failed");
+                    last_logged_error = Some(msg.clone());
+                }
+                status.send_modify(|s| s.last_error = Some(msg.clone()));
+                Err(msg)
+            }
+        };
+        if snapshot_wanted && status.borrow().position.is_some() {
+            match blocking(&db, |db| db.snapshot()).await {
+                Ok(snap) => {
+                    snapshot_wanted = false;
+                    tracing::info!(db = %path.display(), generation = %snap.generation,
+                        index = snap.index, size = snap.size, "snapshot taken");
+                    acks = vec![false; replica_count];
+                    let position = blocking(&db, |db| db.position()).await;
+                    status.send_modify(|s| {
+                        s.snapshot = Some(Arc::new(snap));
+                        s.position = position;
+                    });
+                }
+                Err(DbError::Busy(msg)) => tracing::debug!(db = %path.display(), "{msg}"),
+                Err(e) => tracing::warn!(db = %path.display(), error = %e, "snapshot failed"),
+            }
+        }
+        cleanup_shadow(&db, &status, &positions).await;
+        if let Some(tx) = reply {
+            let _ = tx.send(outcome);
+        }
+    }
+    blocking(&db, |db| db.close()).await;
+}
+
+/// Deletes shadow files that every replica has uploaded and no pending snapshot needs.
+async fn cleanup_shadow(
+    db: &Arc<Mutex<Db>>,
+    status: &watch::Sender<DbStatus>,
+    positions: &Positions,
+) {
+    let (generation, snapshot_index) = {
+        let s = status.borrow();
+        let Some(p) = &s.position else { return };
+        (p.generation.clone(), s.snapshot.as_ref().map(|s| s.index))
+    };
+    let min = {
+        let positions = positions.lock().expect("positions lock poisoned");
+        let mut min = u32::MAX;
+        for p in positions.iter() {
+            match p {
+                Some((g, pos)) if *g == generation => min = min.min(pos.index),
+                _ => return,
+            }
+        }
+        min
+    };
+    let keep_from = snapshot_index.map_or(min, |i| i.min(min));
+    blocking(db, move |db| db.remove_shadow_before(keep_from)).await;
+}
+
+/// One replica's upload loop.
+struct Uploader {
+    idx: usize,
+    cfg: ReplicaConfig,
+    replica: Replica,
+    meta_path: std::path::PathBuf,
+    db_path: std::path::PathBuf,
+    status: watch::Receiver<DbStatus>,
+    commands: mpsc::UnboundedSender<DbCommand>,
+    positions: Positions,
+    health: Arc<Mutex<ReplicaHealth>>,
+    pos: Option<(String, Pos)>,
+    last_snapshot_at: Option<SystemTime>,
+    snapshot_requested: bool,
+    uploaded_snapshot: Option<(String, u32)>,
+}
+
+impl Uploader {
+    async fn run(
+        mut self,
+        mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(self.cfg.sync_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retention_every = match self.cfg.retention {
+            Some(r) => r.min(self.cfg.retention_check_interval),
+            None => Duration::ZERO,
+        };
+        let mut next_retention = tokio::time::Instant::now() + retention_every;
+        let mut failures = 0u32;
+        loop {
+            let mut reply = None;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+                tx = flushes.recv() => match tx {
+                    Some(tx) => reply = Some(tx),
+                    None => break,
+                },
+            }
+            let result = self.sync().await;
+            match &result {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(db = %self.db_path.display(), replica = %self.cfg.name, "replica recovered");
+                    }
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(db = %self.db_path.display(), replica = %self.cfg.name,
+                            failures, error = %e, "replica sync failed; will retry");
+                    }
+                    self.health.lock().expect("health lock").last_error =
+                        Some((SystemTime::now(), e.to_string()));
+                }
+            }
+            if let Some(tx) = reply {
+                let _ = tx.send(result.map_err(|e| e.to_string()));
+            }
+            if !retention_every.is_zero() && tokio::time::Instant::now() >= next_retention {
+                next_retention = tokio::time::Instant::now() + retention_every;
+                if let Err(e) = self.enforce_retention().await {
+                    tracing::warn!(replica = %self.cfg.name, error = %e, "retention failed");
+                }
+            }
+        }
+    }
+
+    fn storage_err(&self, source: StorageError) -> ReplicateError {
+        ReplicateError::Storage {
+            replica: self.cfg.name.clone(),
+            source,
+        }
+    }
+
+    fn set_pos(&mut self, generation: &str, pos: Pos) {
+        self.pos = Some((generation.to_string(), pos));
+        self.positions.lock().expect("positions lock")[self.idx] =
+            Some((generation.to_string(), pos));
+        self.health.lock().expect("health lock").position = Some((generation.to_string(), pos));
+    }
+
+    fn request_snapshot(&mut self) {
+        if !self.snapshot_requested {
+            self.snapshot_requested = true;
+            let _ = self.commands.send(DbCommand::Snapshot);
+        }
+    }
+
+    /// Uploads everything the database task has published; on success the store has
+    /// confirmed every byte up to the published position.
+    async fn sync(&mut self) -> Result<(), ReplicateError> {
+        let status = self.status.borrow().clone();
+        let Some(current) = status.position.clone() else {
+            return Ok(());
+        };
+        if self.pos.as_ref().map(|p| &p.0) != Some(&current.generation) {
+            self.pos = None;
+            self.last_snapshot_at = None;
+        }
+        if self.pos.is_none() && !self.resume(&current, &status).await? {
+            return Ok(());
+        }
+        if let Some(snap) = &status.snapshot
+            && snap.generation == current.generation
+            && self.uploaded_snapshot.as_ref() != Some(&(snap.generation.clone(), snap.index))
+        {
+            self.upload_snapshot(snap).await?;
+        }
+        if let (Some(every), Some(last)) = (self.cfg.snapshot_interval, self.last_snapshot_at)
+            && last.elapsed().unwrap_or_default() >= every
+        {
+            self.request_snapshot();
+        }
+        self.upload_segments(&current, status.page_size).await?;
+        self.health.lock().expect("health lock").last_synced_at = Some(SystemTime::now());
+        Ok(())
+    }
+
+    /// Finds where this replica stands in the current generation from the store (the only
+    /// LISTs outside retention). Returns false while a snapshot is still needed.
+    async fn resume(
+        &mut self,
+        current: &Position,
+        status: &DbStatus,
+    ) -> Result<bool, ReplicateError> {
+        let generation = &current.generation;
+        let snapshots = self
+            .replica
+            .snapshots(generation)
+            .await
+            .map_err(|e| self.storage_err(e))?;
+        let Some(latest) = snapshots.last() else {
+            return self.start_from_local_snapshot(current, status).await;
+        };
+        self.last_snapshot_at = Some(latest.created);
+        let segments = self
+            .replica
+            .segments(generation)
+            .await
+            .map_err(|e| self.storage_err(e))?;
+        let pos = match segments.iter().rev().find(|s| s.pos.index >= latest.index) {
+            Some(last) => {
+                let data = self
+                    .replica
+                    .get_segment(generation, last.pos)
+                    .await
+                    .map_err(|e| self.storage_err(e))?;
+                let raw = format::decompress(&data).map_err(|source| ReplicateError::Corrupt {
+                    replica: self.cfg.name.clone(),
+                    key: format::wal_segment_key("", generation, last.pos),
+                    source,
+                })?;
+                Pos {
+                    index: last.pos.index,
+                    offset: last.pos.offset + raw.len() as u64,
+                }
+            }
+            None => Pos {
+                index: latest.index,
+                offset: 0,
+            },
+        };
+        if pos > current.pos {
+            return Err(ReplicateError::Internal(format!(
+                "replica {} holds generation {generation} up to {pos:?}, beyond the local \
+                 database ({:?}); is another process replicating to the same path?",
+                self.cfg.name, current.pos
+            )));
+        }
+        let shadow = db::shadow_file(&self.meta_path, generation, pos.index);
+        if !shadow.exists() {
+            return self.start_from_local_snapshot(current, status).await;
+        }
+        self.set_pos(generation, pos);
+        tracing::debug!(replica = %self.cfg.name, generation = %generation, ?pos, "resumed");
+        Ok(true)
+    }
+
+    async fn start_from_local_snapshot(
+        &mut self,
+        current: &Position,
+        status: &DbStatus,
+    ) -> Result<bool, ReplicateError> {
+        match &status.snapshot {
+            Some(snap) if snap.generation == current.generation => {
+                self.upload_snapshot(snap).await?;
+                self.set_pos(
+                    &current.generation,
+                    Pos {
+                        index: snap.index,
+                        offset: 0,
+                    },
+                );
+                Ok(true)
+            }
+            _ => {
+                self.request_snapshot();
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upload_snapshot(&mut self, snap: &Arc<LocalSnapshot>) -> Result<(), ReplicateError> {
+        let started = std::time::Instant::now();
+        self.replica
+            .put_snapshot(&snap.generation, snap.index, Body::File(snap.path.clone()))
+            .await
+            .map_err(|e| self.storage_err(e))?;
+        tracing::info!(db = %self.db_path.display(), replica = %self.cfg.name,
+            generation = %snap.generation, index = snap.index, size = snap.size,
+            elapsed_ms = started.elapsed().as_millis() as u64, "snapshot uploaded");
+        self.uploaded_snapshot = Some((snap.generation.clone(), snap.index));
+        self.last_snapshot_at = Some(SystemTime::now());
+        self.snapshot_requested = false;
+        let _ = self.commands.send(DbCommand::SnapshotUploaded {
+            replica: self.idx,
+            index: snap.index,
+        });
+        Ok(())
+    }
+
+    async fn upload_segments(
+        &mut self,
+        current: &Position,
+        page_size: u32,
+    ) -> Result<(), ReplicateError> {
+        loop {
+            let Some((generation, pos)) = self.pos.clone() else {
+                return Ok(());
+            };
+            if pos >= current.pos {
+                return Ok(());
+            }
+            let shadow = db::shadow_file(&self.meta_path, &generation, pos.index);
+            let end = if pos.index == current.pos.index {
+                current.pos.offset
+            } else {
+                let len = std::fs::metadata(&shadow).map(|m| m.len()).unwrap_or(0);
+                wal::align(len, page_size)
+            };
+            if pos.offset >= end {
+                self.set_pos(
+                    &generation,
+                    Pos {
+                        index: pos.index + 1,
+                        offset: 0,
+                    },
+                );
+                continue;
+            }
+            let limit = wal::align(pos.offset + MAX_SEGMENT, page_size)
+                .max(pos.offset + wal::frame_size(page_size));
+            let chunk_end = end.min(limit);
+            let path = shadow.clone();
+            let offset = pos.offset;
+            let compressed = tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::open(&path)?;
+                let mut buf = vec![0u8; (chunk_end - offset) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset)?;
+                Ok::<_, std::io::Error>(format::compress(&buf))
+            })
+            .await
+            .map_err(|e| ReplicateError::Internal(e.to_string()))?
+            .map_err(|source| {
+                ReplicateError::Db(DbError::Io {
+                    path: shadow.clone(),
+                    source,
+                })
+            })?;
+            let size = compressed.len();
+            self.replica
+                .put_segment(&generation, pos, Body::Bytes(compressed.into()))
+                .await
+                .map_err(|e| self.storage_err(e))?;
+            tracing::debug!(replica = %self.cfg.name, generation = %generation,
+                index = pos.index, offset = pos.offset, raw = chunk_end - pos.offset, size, "wal segment uploaded");
+            self.set_pos(
+                &generation,
+                Pos {
+                    index: pos.index,
+                    offset: chunk_end,
+                },
+            );
+        }
+    }
+
+    /// Deletes what no restore inside the retention window can need: for each generation the
+    /// newest snapshot at or before the window's start is kept with everything after it, and
+    /// a generation is dropped only when its last object is older than the window and it is
+    /// not the one being written. (Litestream deletes a generation as soon as it has no
+    /// snapshot inside the window, losing the points in time its WAL still covered.)
+    async fn enforce_retention(&mut self) -> Result<(), ReplicateError> {
+        let Some(retention) = self.cfg.retention else {
+            return Ok(());
+        };
+        let current = self
+            .status
+            .borrow()
+            .position
+            .as_ref()
+            .map(|p| p.generation.clone());
+        let cutoff = SystemTime::now() - retention;
+        let generations = self
+            .replica
+            .generations()
+            .await
+            .map_err(|e| self.storage_err(e))?;
+        let mut deleted = 0usize;
+        for generation in generations {
+            let info = self
+                .replica
+                .generation_info(&generation)
+                .await
+                .map_err(|e| self.storage_err(e))?;
+            let is_current = current.as_deref() == Some(generation.as_str());
+            let (snaps, segs): (Vec<u32>, Vec<Pos>) = match info.bounds() {
+                Some((_, updated)) if updated < cutoff && !is_current => (
+                    info.snapshots.iter().map(|s| s.index).collect(),
+                    info.segments.iter().map(|s| s.pos).collect(),
+                ),
+                _ => {
+                    let base = info.snapshots.iter().rfind(|s| s.created <= cutoff);
+                    let Some(base) = base else { continue };
+                    (
+                        info.snapshots
+                            .iter()
+                            .filter(|s| s.index < base.index)
+                            .map(|s| s.index)
+                            .collect(),
+                        info.segments
+                            .iter()
+                            .filter(|s| s.pos.index < base.index)
+                            .map(|s| s.pos)
+                            .collect(),
+                    )
+                }
+            };
+            if is_current && info.snapshots.last().is_some_and(|s| s.created <= cutoff) {
+                self.request_snapshot();
+            }
+            deleted += snaps.len() + segs.len();
+            self.replica
+                .delete(&generation, &snaps, &segs)
+                .await
+                .map_err(|e| self.storage_err(e))?;
+        }
+        tracing::info!(replica = %self.cfg.name, deleted, "retention enforced");
+        Ok(())
+    }
+}
