@@ -11,7 +11,7 @@
 //! pool.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -24,9 +24,10 @@ use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("sqlite error on {path}: {source}")]
+    #[error("{path}: {op}: {source}")]
     Sqlite {
         path: PathBuf,
+        op: &'static str,
         source: rusqlite::Error,
     },
     #[error("{path}: {source}")]
@@ -120,6 +121,11 @@ pub struct Db {
     wal_path: PathBuf,
     conn: Option<Connection>,
     reader: Option<Connection>,
+    /// Held open for the life of the process and used for every read of the database file:
+    /// closing any descriptor on a file drops all POSIX locks the process holds on it,
+    /// SQLite's included, after which another process's connection believes it is the last
+    /// one and deletes the WAL.
+    file: Option<File>,
     page_size: u32,
     shadow: Option<Shadow>,
 }
@@ -141,6 +147,7 @@ impl Db {
             wal_path: PathBuf::from(wal),
             conn: None,
             reader: None,
+            file: None,
             page_size: 0,
             shadow: None,
         }
@@ -177,9 +184,10 @@ impl Db {
         fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0)
     }
 
-    fn sqlite_err(&self, source: rusqlite::Error) -> DbError {
-        DbError::Sqlite {
+    fn sqlite_err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> DbError + '_ {
+        move |source| DbError::Sqlite {
             path: self.cfg.path.clone(),
+            op,
             source,
         }
     }
@@ -211,10 +219,11 @@ impl Db {
         if !self.cfg.path.exists() {
             return Ok(false);
         }
+        self.file = Some(File::open(&self.cfg.path).map_err(Self::io_err(&self.cfg.path))?);
         let conn = self.connect()?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
-            .map_err(|e| self.sqlite_err(e))?;
+            .map_err(self.sqlite_err("pragma journal_mode"))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(DbError::NotWal {
                 path: self.cfg.path.clone(),
@@ -226,10 +235,10 @@ impl Db {
              CREATE TABLE IF NOT EXISTS _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER);
              CREATE TABLE IF NOT EXISTS _litestream_lock (id INTEGER);",
         )
-        .map_err(|e| self.sqlite_err(e))?;
+        .map_err(self.sqlite_err("create litestream tables"))?;
         self.page_size = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(|e| self.sqlite_err(e))?;
+            .map_err(self.sqlite_err("pragma page_size"))?;
         let reader = self.connect()?;
         self.conn = Some(conn);
         self.reader = Some(reader);
@@ -246,11 +255,11 @@ impl Db {
             &self.cfg.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| self.sqlite_err(e))?;
+        .map_err(self.sqlite_err("open"))?;
         conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| self.sqlite_err(e))?;
+            .map_err(self.sqlite_err("busy_timeout"))?;
         conn.execute_batch("PRAGMA cache_size = -256")
-            .map_err(|e| self.sqlite_err(e))?;
+            .map_err(self.sqlite_err("cache_size"))?;
         persist_wal(&conn);
         Ok(conn)
     }
@@ -268,14 +277,14 @@ impl Db {
     fn begin_read(&self) -> Result<(), DbError> {
         self.reader()
             .execute_batch("BEGIN; SELECT COUNT(1) FROM _litestream_seq;")
-            .map_err(|e| self.sqlite_err(e))
+            .map_err(self.sqlite_err("begin read transaction"))
     }
 
     fn end_read(&self) -> Result<(), DbError> {
         let r = self.reader();
         if !r.is_autocommit() {
             r.execute_batch("ROLLBACK")
-                .map_err(|e| self.sqlite_err(e))?;
+                .map_err(self.sqlite_err("end read transaction"))?;
         }
         Ok(())
     }
@@ -290,7 +299,7 @@ impl Db {
                 [],
             )
             .map(drop)
-            .map_err(|e| self.sqlite_err(e))
+            .map_err(self.sqlite_err("write _litestream_seq"))
     }
 
     fn read_real_header(&self) -> Option<WalHeader> {
@@ -657,7 +666,7 @@ impl Db {
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .map_err(|e| self.sqlite_err(e))
+            .map_err(self.sqlite_err("wal_checkpoint"))
     }
 
     /// Runs `f` holding SQLite's write lock, so no application transaction commits meanwhile.
@@ -672,14 +681,14 @@ impl Db {
                     "{}: database busy, will retry",
                     self.cfg.path.display()
                 )),
-                _ => self.sqlite_err(e),
+                _ => self.sqlite_err("begin write transaction")(e),
             })?;
         let result = f(self);
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let finish = self
             .conn()
             .execute_batch(end)
-            .map_err(|e| self.sqlite_err(e));
+            .map_err(self.sqlite_err("end write transaction"));
         let value = result?;
         finish?;
         Ok(value)
@@ -735,7 +744,7 @@ impl Db {
                         r.get::<_, i64>(2)?,
                     ))
                 })
-                .map_err(|e| db.sqlite_err(e))?;
+                .map_err(db.sqlite_err("passive checkpoint"))?;
             if busy != 0 || log != done {
                 return Err(DbError::Busy(format!(
                     "{}: readers prevent a full checkpoint ({done} of {log} frames); \
@@ -769,7 +778,8 @@ impl Db {
         fs::create_dir_all(&dir).map_err(Self::io_err(&dir))?;
         let path = dir.join(format::snapshot_name(index));
         let tmp = path.with_extension("lz4.tmp");
-        let size = compress_file(&self.cfg.path, &tmp)?;
+        let file = self.file.as_ref().expect("database is open");
+        let size = compress_file(file, &self.cfg.path, &tmp)?;
         fs::rename(&tmp, &path).map_err(Self::io_err(&path))?;
         Ok(LocalSnapshot {
             generation,
@@ -786,6 +796,7 @@ impl Db {
         }
         self.reader = None;
         self.conn = None;
+        self.file = None;
     }
 }
 
@@ -838,17 +849,19 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DbError> {
     fs::rename(&tmp, path).map_err(Db::io_err(path))
 }
 
-/// Streams a file through the LZ4 frame encoder into `dest`; memory stays at one block.
-fn compress_file(src: &Path, dest: &Path) -> Result<u64, DbError> {
-    let mut input = File::open(src).map_err(Db::io_err(src))?;
+/// Streams the database file through the LZ4 frame encoder into `dest`, reading with
+/// positioned reads on the long-lived descriptor; memory stays at one block.
+fn compress_file(input: &File, src: &Path, dest: &Path) -> Result<u64, DbError> {
     let out = File::create(dest).map_err(Db::io_err(dest))?;
     let mut enc = format::lz4_encoder(std::io::BufWriter::new(out));
     let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
     loop {
-        let n = input.read(&mut buf).map_err(Db::io_err(src))?;
+        let n = input.read_at(&mut buf, offset).map_err(Db::io_err(src))?;
         if n == 0 {
             break;
         }
+        offset += n as u64;
         enc.write_all(&buf[..n]).map_err(Db::io_err(dest))?;
     }
     let w = enc.finish().map_err(|source| DbError::Format {
