@@ -16,6 +16,7 @@ use walden::config::{self, Config, LoadOptions, ReplicaConfig};
 use walden::replica::Replica;
 use walden::replicate::Replicator;
 use walden::restore::{self, RestoreError, RestoreOptions, rfc3339};
+use walden::storage::RetryPolicy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -287,7 +288,9 @@ fn target_replicas(
     }
     let replicas = configs
         .iter()
-        .map(|c| Replica::open(c).with_context(|| format!("replica {}", c.name)))
+        .map(|c| {
+            Replica::open(c, RetryPolicy::default()).with_context(|| format!("replica {}", c.name))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((db_path, replicas))
 }
@@ -336,6 +339,7 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     for db in &cfg.dbs {
         tracing::info!(path = %db.path.display(), replicas = db.replicas.len(), "initialized db");
     }
+    check_replicas(&cfg).await?;
     let replicator = Replicator::start(&cfg)?;
     let signal = wait_for_shutdown_signal().await;
     tracing::info!(signal, "signal received, shutting down");
@@ -349,6 +353,28 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Checks every replica once before replicating: a permanent problem (credentials, a missing
+/// bucket, a bad setting) stops the start with a one-line error, because running on would
+/// only log failures forever; a transient one (the endpoint is down) is logged and replication
+/// starts anyway, retrying until the store is back.
+async fn check_replicas(cfg: &Config) -> Result<()> {
+    for db in &cfg.dbs {
+        for rc in &db.replicas {
+            let replica = Replica::open(rc, RetryPolicy::probe())
+                .with_context(|| format!("{}: replica {}", db.path.display(), rc.name))?;
+            match replica.check().await {
+                Ok(()) => {}
+                Err(e) if e.is_permanent() => {
+                    bail!("{}: replica {}: {e}", db.path.display(), rc.name)
+                }
+                Err(e) => tracing::warn!(db = %db.path.display(), replica = %rc.name,
+                    error = %e, "replica not reachable yet; will keep retrying"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_shutdown_signal() -> &'static str {

@@ -65,18 +65,12 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Opens the store a replica config points at, wrapped in the retry policy every caller
-    /// wants: transient errors retried with backoff, permanent ones returned at once.
-    pub fn open(cfg: &ReplicaConfig) -> Result<Replica, StorageError> {
+    /// Opens the store a replica config points at, retrying transient errors per `policy`
+    /// (permanent ones return at once).
+    pub fn open(cfg: &ReplicaConfig, policy: RetryPolicy) -> Result<Replica, StorageError> {
         let store: Arc<dyn ObjectStore> = match &cfg.target {
-            Target::File { dir } => Arc::new(Retrying::new(
-                FileStore::new(dir.clone()),
-                RetryPolicy::default(),
-            )),
-            Target::S3(s3) => Arc::new(Retrying::new(
-                S3Store::new(s3.clone())?,
-                RetryPolicy::default(),
-            )),
+            Target::File { dir } => Arc::new(Retrying::new(FileStore::new(dir.clone()), policy)),
+            Target::S3(s3) => Arc::new(Retrying::new(S3Store::new(s3.clone())?, policy)),
         };
         Ok(Replica::with_store(cfg.name.clone(), store))
     }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, DbConfig, ReplicaConfig};
 use crate::format::{self, Pos};
 use crate::replica::Replica;
-use crate::storage::{Body, StorageError};
+use crate::storage::{Body, RetryPolicy, StorageError};
 use crate::wal;
 use db::{Db, DbError, LocalSnapshot, Position};
 
@@ -167,9 +167,11 @@ fn start_db(cfg: &DbConfig, shutdown: CancellationToken) -> Result<DbHandle, Rep
     let positions: Positions = Arc::new(Mutex::new(vec![None; cfg.replicas.len()]));
     let mut replicas = Vec::new();
     for (i, rc) in cfg.replicas.iter().enumerate() {
-        let replica = Replica::open(rc).map_err(|source| ReplicateError::Storage {
-            replica: rc.name.clone(),
-            source,
+        let replica = Replica::open(rc, RetryPolicy::replication()).map_err(|source| {
+            ReplicateError::Storage {
+                replica: rc.name.clone(),
+                source,
+            }
         })?;
         tracing::info!(db = %cfg.path.display(), name = %rc.name, target = %replica.describe(),
             sync_interval = %crate::config::format_duration(rc.sync_interval), "replicating to");

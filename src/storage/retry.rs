@@ -40,6 +40,28 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// For the replication loop, which is itself the outer retry (every sync-interval): a
+    /// short burst here keeps a failed sync visible in health within seconds instead of
+    /// hiding it behind half a minute of backoff.
+    pub fn replication() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// One attempt with a short timeout, for start-up checks that should report a
+    /// misconfiguration at once.
+    pub fn probe() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 1,
+            timeout: Duration::from_secs(15),
+            ..RetryPolicy::default()
+        }
+    }
+
     /// The delay after failed attempt number `attempt` (1-based): half of it fixed, half random
     /// ("equal jitter"), so retries spread out but still back off.
     fn delay(&self, attempt: u32) -> Duration {
