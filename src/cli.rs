@@ -12,11 +12,13 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+use nix::sys::signal::Signal;
 use walden::config::{self, Config, LoadOptions, ReplicaConfig};
 use walden::replica::Replica;
 use walden::replicate::Replicator;
-use walden::restore::{self, RestoreError, RestoreOptions, rfc3339};
+use walden::restore::{self, RestoreError, RestoreOptions, Startup, rfc3339};
 use walden::storage::RetryPolicy;
+use walden::supervise::{self, Child, ChildCommand, Event, Outcome, Signals};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +65,16 @@ struct ConfigArgs {
 struct ReplicateArgs {
     #[command(flatten)]
     config: ConfigArgs,
+    /// Run this command as a child: restore missing databases first, forward signals, run a
+    /// final sync when it exits and exit with its code
+    #[arg(long, value_name = "CMD", allow_hyphen_values = true)]
+    exec: Option<String>,
+    /// With -exec, do not restore missing databases before starting the child
+    #[arg(long)]
+    no_restore: bool,
+    /// With -exec, how long the child gets after SIGTERM/SIGINT before SIGKILL (e.g. 30s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration)]
+    shutdown_timeout: Option<Duration>,
     /// Database path followed by one or more replica URLs (instead of a config file)
     #[arg(value_name = "DB_PATH REPLICA_URL")]
     args: Vec<String>,
@@ -120,6 +132,10 @@ struct WalArgs {
     /// Only this generation
     #[arg(long, value_name = "ID")]
     generation: Option<String>,
+}
+
+fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_hex_index(s: &str) -> Result<u32, String> {
@@ -304,7 +320,7 @@ fn init_logging(to_stdout: bool, level: Option<&str>, json: bool) {
 }
 
 async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
-    let cfg = if args.args.is_empty() {
+    let mut cfg = if args.args.is_empty() {
         load_config(&args.config)?
     } else {
         if args.config.config.is_some() {
@@ -324,6 +340,11 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
             ..Config::default()
         }
     };
+    if let Some(t) = args.shutdown_timeout {
+        cfg.shutdown_timeout = t;
+    }
+    let exec = args.exec.clone().or(cfg.exec.clone());
+    let command = exec.as_deref().map(ChildCommand::parse).transpose()?;
     init_logging(
         !cfg.logging.stderr,
         cfg.logging.level.as_deref(),
@@ -336,23 +357,129 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     if cfg.dbs.is_empty() {
         tracing::error!("no databases specified in configuration");
     }
+    let outcome = match command {
+        Some(command) => supervise_child(&cfg, command, !args.no_restore).await?,
+        None => {
+            check_replicas(&cfg).await?;
+            let replicator = start_replicator(&cfg)?;
+            let signal = wait_for_shutdown_signal().await;
+            tracing::info!(signal, "signal received, shutting down");
+            let synced = final_sync(replicator, &cfg, None).await;
+            Outcome::Stopped { synced }
+        }
+    };
+    tracing::info!("walden shut down");
+    Ok(ExitCode::from(supervise::exit_code(&outcome)))
+}
+
+fn start_replicator(cfg: &Config) -> Result<Replicator> {
     for db in &cfg.dbs {
         tracing::info!(path = %db.path.display(), replicas = db.replicas.len(), "initialized db");
     }
-    check_replicas(&cfg).await?;
-    let replicator = Replicator::start(&cfg)?;
-    let signal = wait_for_shutdown_signal().await;
-    tracing::info!(signal, "signal received, shutting down");
-    let errors = replicator.shutdown(Duration::from_secs(30)).await;
-    for e in &errors {
-        tracing::error!(error = %e, "final sync failed");
+    Ok(Replicator::start(cfg)?)
+}
+
+/// The final sync, bounded by a timeout and, with `-exec`, abandoned when a second SIGINT or
+/// SIGTERM arrives. Returns whether every committed transaction reached every replica.
+async fn final_sync(
+    replicator: Replicator,
+    cfg: &Config,
+    events: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Event>>,
+) -> bool {
+    let timeout = cfg.shutdown_timeout.max(Duration::from_secs(10));
+    let sync = replicator.shutdown(timeout);
+    let abandon = async {
+        match events {
+            Some(events) => loop {
+                match events.recv().await {
+                    Some(Event::Forward(Signal::SIGINT | Signal::SIGTERM)) => break,
+                    Some(_) => {}
+                    None => std::future::pending::<()>().await,
+                }
+            },
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        errors = sync => {
+            for e in &errors {
+                tracing::error!(error = %e, "final sync failed");
+            }
+            errors.is_empty()
+        }
+        _ = abandon => {
+            tracing::warn!("second signal during the final sync; exiting without finishing it");
+            false
+        }
     }
-    tracing::info!("walden shut down");
-    Ok(if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+}
+
+/// `replicate -exec`: restore what is missing, replicate, run the child, final sync.
+async fn supervise_child(cfg: &Config, command: ChildCommand, restore: bool) -> Result<Outcome> {
+    supervise::become_subreaper();
+    let (_signals, mut events) = Signals::start()?;
+    if restore {
+        for db in cfg.dbs.iter().filter(|d| d.restore_if_db_not_exists) {
+            if !restore_before_start(db).await {
+                return Ok(Outcome::RestoreFailed);
+            }
+        }
+    }
+    check_replicas(cfg).await?;
+    let replicator = start_replicator(cfg)?;
+    for e in replicator.sync_all().await {
+        tracing::warn!(error = %e, "initial sync incomplete; the child starts anyway and replication keeps retrying");
+    }
+    let child = match Child::spawn(&command) {
+        Ok(child) => child,
+        Err((exit, e)) => {
+            tracing::error!(error = %e, "cannot start child");
+            let synced = final_sync(replicator, cfg, None).await;
+            return Ok(Outcome::Child { exit, synced });
+        }
+    };
+    tracing::info!(pid = child.pid(), command = ?command, "child started");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let exit = child.wait(&mut events, cfg.shutdown_timeout).await;
+    tracing::info!(?exit, "child exited, running final sync");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let synced = final_sync(replicator, cfg, Some(&mut events)).await;
+    supervise::reap_orphans();
+    Ok(Outcome::Child { exit, synced })
+}
+
+/// Restores one missing database before the child starts; false when the child must not
+/// start because the store could not be read.
+async fn restore_before_start(db: &walden::config::DbConfig) -> bool {
+    let opened: Result<Vec<Replica>, _> = db
+        .replicas
+        .iter()
+        .map(|r| Replica::open(r, RetryPolicy::default()))
+        .collect();
+    let result = match opened {
+        Ok(replicas) => restore::restore_if_missing(db, &replicas, 8)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(Startup::Exists) => true,
+        Ok(Startup::NoBackup) => {
+            tracing::info!(db = %db.path.display(), "database missing and no backup exists; starting fresh");
+            true
+        }
+        Ok(Startup::Restored(r)) => {
+            tracing::info!(db = %db.path.display(), replica = %r.replica, generation = %r.generation,
+                index = r.position.index, offset = r.position.offset, "database restored before start");
+            true
+        }
+        Err(e) => {
+            tracing::error!(db = %db.path.display(), error = %format!("{e:#}"),
+                "database missing and its replica cannot be read; not starting the child, \
+                 because starting fresh would fork its history");
+            false
+        }
+    }
 }
 
 /// Checks every replica once before replicating: a permanent problem (credentials, a missing

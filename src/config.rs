@@ -43,15 +43,21 @@ pub enum ConfigError {
 }
 
 /// The effective configuration, defaults applied.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The file this came from, for messages; `None` when built from command-line arguments.
     pub source: Option<PathBuf>,
     pub dbs: Vec<DbConfig>,
     pub addr: Option<String>,
     pub exec: Option<String>,
+    /// How long a child gets after SIGTERM/SIGINT before SIGKILL.
+    pub shutdown_timeout: Duration,
     pub logging: Logging,
 }
+
+/// Default of `shutdown-timeout`: long enough for an application to drain requests, short
+/// enough to stay under systemd's default stop timeout of 90 s with the final sync.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default)]
 pub struct Logging {
@@ -74,6 +80,9 @@ pub struct DbConfig {
     /// pages, which is 32 GiB with 64 KiB pages and would let a WAL index pass the 4 GiB
     /// offsets its object names can hold; bytes keep every page size safe.
     pub truncate_wal_bytes: u64,
+    /// In `replicate -exec`, restore the database from its replicas first when the file is
+    /// missing.
+    pub restore_if_db_not_exists: bool,
     pub replicas: Vec<ReplicaConfig>,
 }
 
@@ -147,6 +156,7 @@ struct RawConfig {
     dbs: Option<Vec<RawDb>>,
     addr: Option<String>,
     exec: Option<String>,
+    shutdown_timeout: Option<GoDuration>,
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
     logging: Option<RawLogging>,
@@ -171,6 +181,7 @@ struct RawDb {
     min_checkpoint_page_count: Option<u32>,
     max_checkpoint_page_count: Option<u32>,
     truncate_wal_bytes: Option<u64>,
+    restore_if_db_not_exists: Option<bool>,
     replicas: Option<Vec<RawReplica>>,
 }
 
@@ -533,6 +544,7 @@ fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> 
                 .truncate_wal_bytes
                 .unwrap_or(DEFAULT_TRUNCATE_WAL_BYTES)
                 .min(DEFAULT_TRUNCATE_WAL_BYTES * 3),
+            restore_if_db_not_exists: db.restore_if_db_not_exists.unwrap_or(true),
             replicas,
         });
     }
@@ -541,6 +553,9 @@ fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> 
         dbs,
         addr: raw.addr.filter(|a| !a.is_empty()),
         exec: raw.exec.filter(|e| !e.trim().is_empty()),
+        shutdown_timeout: raw
+            .shutdown_timeout
+            .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
         logging: Logging {
             level: logging.level,
             json,
@@ -1048,6 +1063,7 @@ pub fn db_from_args(path: &Path, replicas: Vec<ReplicaConfig>) -> DbConfig {
         min_checkpoint_page_count: DEFAULT_MIN_CHECKPOINT_PAGES,
         max_checkpoint_page_count: DEFAULT_MAX_CHECKPOINT_PAGES,
         truncate_wal_bytes: DEFAULT_TRUNCATE_WAL_BYTES,
+        restore_if_db_not_exists: true,
         replicas,
     }
 }
@@ -1067,6 +1083,19 @@ pub fn locate(flag: Option<&Path>, env: Env) -> Option<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            source: None,
+            dbs: Vec::new(),
+            addr: None,
+            exec: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            logging: Logging::default(),
+        }
+    }
 }
 
 impl Config {

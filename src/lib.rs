@@ -11,4 +11,5 @@ pub mod replica;
 pub mod replicate;
 pub mod restore;
 pub mod storage;
+pub mod supervise;
 pub mod wal;

@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use rusqlite::Connection;
 
+use crate::config::DbConfig;
 use crate::format::{self, Pos};
 use crate::replica::{GenerationInfo, Replica, SegmentInfo, SnapshotInfo};
 use crate::storage::StorageError;
@@ -478,4 +479,40 @@ fn finish(db: &Path, output: &Path) -> Result<(), RestoreError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(io_err(dir))
+}
+
+/// What the start-up restore in `replicate -exec` found.
+#[derive(Debug, Clone)]
+pub enum Startup {
+    /// The database file exists; it is never replaced.
+    Exists,
+    Restored(Restored),
+    /// No replica holds a backup: the application starts with a new database.
+    NoBackup,
+}
+
+/// Restores a configured database from its replicas if its file is missing. An unreachable
+/// or unreadable store is an error, not "no backup": starting fresh then would fork the
+/// history.
+pub async fn restore_if_missing(
+    db: &DbConfig,
+    replicas: &[Replica],
+    parallelism: usize,
+) -> Result<Startup, RestoreError> {
+    if db.path.exists() {
+        return Ok(Startup::Exists);
+    }
+    let opts = RestoreOptions {
+        output: db.path.clone(),
+        generation: None,
+        index: None,
+        timestamp: None,
+        parallelism,
+    };
+    let plan = match plan(replicas, &opts).await {
+        Ok(p) => p,
+        Err(RestoreError::NoBackups { .. }) => return Ok(Startup::NoBackup),
+        Err(e) => return Err(e),
+    };
+    restore(replicas, &plan, &opts).await.map(Startup::Restored)
 }

@@ -128,6 +128,10 @@ pub struct Db {
     file: Option<File>,
     page_size: u32,
     shadow: Option<Shadow>,
+    /// Set while a WAL restart forced by us is pending. Every frame of the old index was
+    /// copied under the write lock before it, so the restart may overwrite them; only a
+    /// restart nobody expected needs Litestream's check that the last copied frame survived.
+    restart_expected: bool,
 }
 
 /// Shadow files stop growing well before offsets reach the 4 GiB that v0.3.13's 8-digit names
@@ -150,6 +154,7 @@ impl Db {
             file: None,
             page_size: 0,
             shadow: None,
+            restart_expected: false,
         }
     }
 
@@ -458,6 +463,9 @@ impl Db {
             return (Some("wal truncated by another process"), false);
         }
         let restart = self.read_real_header() != Some(s.header);
+        if restart && self.restart_expected {
+            return (None, true);
+        }
         if s.size == WAL_HEADER_SIZE as u64 {
             if restart {
                 return (Some("wal header only, mismatched"), false);
@@ -651,11 +659,14 @@ impl Db {
         let locked = self.with_write_lock(|db| {
             let mut report = SyncReport::default();
             db.copy(&mut report)?;
+            db.restart_expected = true;
             db.bump_seq()
         });
         self.begin_read()?;
         let mut report = SyncReport::default();
-        self.copy(&mut report)?;
+        let copied = self.copy(&mut report);
+        self.restart_expected = false;
+        copied?;
         result.and(locked)
     }
 
@@ -722,6 +733,7 @@ impl Db {
             }
         };
         let outcome = self.snapshot_under_reader(before);
+        self.restart_expected = false;
         self.end_read()?;
         self.begin_read()?;
         outcome
@@ -755,6 +767,7 @@ impl Db {
             db.begin_read()?;
             Ok(db.read_real_header())
         })?;
+        self.restart_expected = true;
         self.bump_seq()?;
         Ok(before)
     }
