@@ -20,14 +20,6 @@ fn status_of<T>(result: Result<T, S3Error>) -> Option<u16> {
     }
 }
 
-fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(fut)
-}
-
 #[test]
 fn s3_server_accepts_the_right_secret_and_refuses_a_wrong_one() {
     let s3 = shared_s3();

@@ -423,8 +423,9 @@ pub fn integrity_check(db: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Runs `fut` to completion on a fresh single-threaded runtime in a separate thread, so the
-/// harness works from plain and from `#[tokio::test]` tests alike.
-fn block_on<F: Future + Send>(fut: F) -> F::Output
+/// harness works from plain and from `#[tokio::test]` tests alike. Tests may use it for
+/// rust-s3 calls of their own.
+pub fn block_on<F: Future + Send>(fut: F) -> F::Output
 where
     F::Output: Send,
 {
