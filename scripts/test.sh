@@ -69,7 +69,9 @@ ensure_netns() {
 }
 
 runner=()
-if [ -n "$netns" ] && ensure_netns "$netns"; then
+if [ -z "$netns" ]; then
+    log "WARNING: WALDEN_NETNS is empty; running tests in the host namespace"
+elif ensure_netns "$netns"; then
     log "running tests in network namespace $netns (loopback only)"
     runner=(ip netns exec "$netns")
 else
