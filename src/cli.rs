@@ -362,6 +362,7 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
         None => {
             check_replicas(&cfg).await?;
             let replicator = start_replicator(&cfg)?;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             let signal = wait_for_shutdown_signal().await;
             tracing::info!(signal, "signal received, shutting down");
             let synced = final_sync(replicator, &cfg, None).await;

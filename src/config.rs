@@ -688,7 +688,7 @@ fn finish_target(
                 r.secret_access_key.clone(),
                 top,
                 env,
-            )?;
+            );
             Ok((Target::S3(s3.finish(creds)), "s3"))
         }
     }
@@ -702,7 +702,7 @@ fn resolve_credentials(
     secret: Option<String>,
     top: &TopCredentials,
     env: Env,
-) -> Result<Credentials, ConfigError> {
+) -> Credentials {
     let key = key.filter(|s| !s.is_empty());
     let secret = secret.filter(|s| !s.is_empty());
     let (key, secret, token) = if key.is_some() || secret.is_some() {
@@ -728,24 +728,12 @@ fn resolve_credentials(
             non_empty(env, "AWS_SESSION_TOKEN"),
         )
     };
-    match (key, secret) {
-        (Some(k), Some(s)) => Ok(Credentials {
-            access_key_id: k,
-            secret_access_key: s,
-            session_token: token,
-        }),
-        (None, None) => Err(ConfigError::Replica(
-            "no S3 credentials: set access-key-id and secret-access-key in the config, \
-             or LITESTREAM_ACCESS_KEY_ID / LITESTREAM_SECRET_ACCESS_KEY, \
-             or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-                .into(),
-        )),
-        (Some(_), None) => Err(ConfigError::Replica(
-            "an S3 access key id is set but its secret access key is missing".into(),
-        )),
-        (None, Some(_)) => Err(ConfigError::Replica(
-            "an S3 secret access key is set but its access key id is missing".into(),
-        )),
+    // A missing key or secret is reported when the store is opened, so commands that never
+    // touch the store (`databases`) work without credentials.
+    Credentials {
+        access_key_id: key.unwrap_or_default(),
+        secret_access_key: secret.unwrap_or_default(),
+        session_token: token,
     }
 }
 
@@ -1183,10 +1171,17 @@ mod tests {
     }
 
     #[test]
-    fn missing_credentials_is_an_error() {
+    fn missing_credentials_are_left_empty_for_the_store_to_report() {
         let text = "dbs:\n  - path: /tmp/a.db\n    replicas:\n      - url: s3://b/p\n";
-        let err = parse(text, "w.yml", &env_of(&[])).unwrap_err().to_string();
-        assert!(err.contains("no S3 credentials"), "{err}");
+        let cfg = parse(text, "w.yml", &env_of(&[])).unwrap();
+        let Target::S3(s3) = &cfg.dbs[0].replicas[0].target else {
+            panic!("not s3")
+        };
+        assert!(s3.access_key_id.is_empty() && s3.secret_access_key.is_empty());
+        let err = crate::storage::s3::S3Store::new(s3.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no S3 credentials for bucket b"), "{err}");
     }
 
     #[test]

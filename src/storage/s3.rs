@@ -119,7 +119,9 @@ impl S3Store {
         }
         if cfg.access_key_id.is_empty() || cfg.secret_access_key.is_empty() {
             return Err(config_error(format!(
-                "s3 replica for bucket {} has no access key id or secret access key; set access-key-id and secret-access-key",
+                "no S3 credentials for bucket {}: set access-key-id and secret-access-key in the \
+                 config, or LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY, or \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                 cfg.bucket
             )));
         }

@@ -645,10 +645,10 @@ impl S3Server {
         let mut last_error = String::from("port never answered");
         let mut tried_create = false;
         while started.elapsed() < READY_TIMEOUT {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("weed exited with {status}\n{}", self.log_tail()));
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("weed exited with {status}\n{}", self.log_tail()));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 match self.probe(&bucket) {
