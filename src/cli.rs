@@ -227,10 +227,27 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: library errors often include their
+/// cause's text in their own message and also expose it as `source()`.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -475,7 +492,7 @@ async fn restore_before_start(db: &walden::config::DbConfig) -> bool {
             true
         }
         Err(e) => {
-            tracing::error!(db = %db.path.display(), error = %format!("{e:#}"),
+            tracing::error!(db = %db.path.display(), error = %one_line(&e),
                 "database missing and its replica cannot be read; not starting the child, \
                  because starting fresh would fork its history");
             false

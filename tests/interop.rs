@@ -1330,7 +1330,7 @@ fn repeats_itself(message: &str) -> bool {
     })
 }
 
-// Walden bug (found by this test): storage and corruption errors print their cause twice,
+// Regression: storage and corruption errors used to print their cause twice,
 // e.g. `error: s3: bucket B does not exist; create it or fix the bucket name: bucket B does not
 // exist; create it or fix the bucket name`. `RestoreError::Storage` and `RestoreError::Corrupt`
 // put `{source}` in their message *and* mark it as the error source, and `cli.rs` prints the
