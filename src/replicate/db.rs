@@ -502,21 +502,7 @@ impl Db {
             }
         };
         let generation = format::new_generation();
-        let path = self.shadow_path(&generation, 0);
-        let dir = path.parent().expect("shadow path has a parent");
-        fs::create_dir_all(dir).map_err(Self::io_err(dir))?;
-        let mut hbuf = [0u8; WAL_HEADER_SIZE];
-        File::open(&self.wal_path)
-            .and_then(|f| f.read_exact_at(&mut hbuf, 0))
-            .map_err(Self::io_err(&self.wal_path))?;
-        write_new_file(&path, &hbuf)?;
-        self.shadow = Some(Shadow {
-            generation: generation.clone(),
-            index: 0,
-            size: WAL_HEADER_SIZE as u64,
-            header,
-            checksum: header.checksum(),
-        });
+        self.open_shadow_index(generation.clone(), 0, header)?;
         self.copy_frames()?;
         let gen_file = self.generation_file();
         write_atomic(&gen_file, format!("{generation}\n").as_bytes())?;
@@ -524,16 +510,29 @@ impl Db {
         Ok(generation)
     }
 
-    /// Copies the remaining old-incarnation frames are already in; opens shadow index+1 from
-    /// the real WAL's new header and copies its frames.
+    /// After the old index's remaining frames were copied: opens shadow index+1 from the real
+    /// WAL's new header and copies its frames.
     fn start_next_index(&mut self) -> Result<u64, DbError> {
         let Some(header) = self.read_real_header() else {
             return Ok(0);
         };
-        let s = self.shadow.as_mut().expect("shadow exists");
-        let index = s.index + 1;
-        let generation = s.generation.clone();
+        let s = self.shadow.as_ref().expect("shadow exists");
+        let (generation, index) = (s.generation.clone(), s.index + 1);
+        self.open_shadow_index(generation, index, header)?;
+        self.copy_frames()
+    }
+
+    /// Creates the shadow file for a new index holding the real WAL's current header (as
+    /// bytes, exactly as SQLite wrote it) and makes it the current position.
+    fn open_shadow_index(
+        &mut self,
+        generation: String,
+        index: u32,
+        header: WalHeader,
+    ) -> Result<(), DbError> {
         let path = self.shadow_path(&generation, index);
+        let dir = path.parent().expect("shadow path has a parent");
+        fs::create_dir_all(dir).map_err(Self::io_err(dir))?;
         let mut hbuf = [0u8; WAL_HEADER_SIZE];
         File::open(&self.wal_path)
             .and_then(|f| f.read_exact_at(&mut hbuf, 0))
@@ -546,7 +545,7 @@ impl Db {
             header,
             checksum: header.checksum(),
         });
-        self.copy_frames()
+        Ok(())
     }
 
     /// Appends every valid committed frame after the shadow's end; frames of a transaction
