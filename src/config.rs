@@ -6,17 +6,29 @@
 //! `${LITESTREAM_ACCESS_KEY_ID}`), then parsed with `serde-saphyr`, which reports line numbers,
 //! into raw structs that deny unknown keys, and finally resolved into [`Config`] with every
 //! default filled in, so the rest of the program never sees an `Option` that means "default".
+//!
+//! Keys come from Litestream v0.3.13 and the common ones of v0.5 (`replica:`, top-level replica
+//! defaults, `snapshot:`, `busy-timeout`, `shutdown-sync-timeout`). A Litestream key Walden does
+//! not implement is recognised and refused by name ([`known_keys`] lists both kinds), because
+//! accepting it silently would leave the user believing, say, that backups are encrypted.
+//!
+//! Invariant: no secret is ever part of an error, a warning or [`Config::to_yaml`]'s output.
+//!
+//! The syntax and key checks of serde stop at the first problem; the checks after parsing
+//! (paths, replicas, names, destinations) collect every problem, so `walden config` can list
+//! them all at once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
 
 use crate::storage::s3::S3Config;
 
-/// Where a configuration problem is: a file and, when the parser knows it, a line.
+/// What went wrong while finding, reading or checking a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file not found: {0}")]
@@ -26,20 +38,41 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{file}:{line}: {message}")]
-    Parse {
-        file: String,
-        line: u64,
-        message: String,
-    },
-    #[error("{file}: {message}")]
-    Invalid { file: String, message: String },
+    /// Every problem found in a file, one per line when displayed.
+    #[error("{}", join_lines(problems))]
+    Invalid { problems: Vec<Problem> },
     #[error("invalid replica url {url:?}: {reason}")]
     Url { url: String, reason: String },
     #[error("invalid duration {value:?}: {reason}")]
     Duration { value: String, reason: String },
     #[error("{0}")]
     Replica(String),
+}
+
+/// One problem in a configuration file: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based; `None` when the problem belongs to the file as a whole.
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+fn join_lines(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The effective configuration, defaults applied.
@@ -52,12 +85,20 @@ pub struct Config {
     pub exec: Option<String>,
     /// How long a child gets after SIGTERM/SIGINT before SIGKILL.
     pub shutdown_timeout: Duration,
+    /// Litestream 0.5's `shutdown-sync-timeout`: the bound on the final sync. When it is not
+    /// set the final sync is bounded by the shutdown timeout (see
+    /// [`Config::final_sync_timeout`]), so `-shutdown-timeout` on the command line keeps
+    /// working as one knob.
+    pub shutdown_sync_timeout: Option<Duration>,
     pub logging: Logging,
 }
 
 /// Default of `shutdown-timeout`: long enough for an application to drain requests, short
 /// enough to stay under systemd's default stop timeout of 90 s with the final sync.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shortest final sync Walden allows: one slow upload must still fit.
+pub const MIN_FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default)]
 pub struct Logging {
@@ -74,6 +115,9 @@ pub struct DbConfig {
     pub meta_path: PathBuf,
     pub monitor_interval: Duration,
     pub checkpoint_interval: Duration,
+    /// SQLite busy timeout of the replicator's connection (Litestream 0.5's `busy-timeout`;
+    /// fixed at 1 s in 0.3.13).
+    pub busy_timeout: Duration,
     pub min_checkpoint_page_count: u32,
     pub max_checkpoint_page_count: u32,
     /// WAL size in bytes at which a TRUNCATE checkpoint is forced. Litestream counts 500,000
@@ -129,6 +173,8 @@ impl fmt::Display for Target {
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(3600);
+/// Litestream's fixed busy timeout, the default of `busy-timeout`.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_MIN_CHECKPOINT_PAGES: u32 = 1000;
@@ -150,16 +196,26 @@ fn non_empty(env: Env, name: &str) -> Option<String> {
     env(name).filter(|v| !v.is_empty())
 }
 
+/// Top level. The S3 and interval keys after `logging` are Litestream 0.5's replica defaults
+/// (`ReplicaSettings` inlined into its top level); a replica's own value wins.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
-    dbs: Option<Vec<RawDb>>,
+    dbs: Option<Vec<Spanned<RawDb>>>,
     addr: Option<String>,
     exec: Option<String>,
     shutdown_timeout: Option<GoDuration>,
+    shutdown_sync_timeout: Option<GoDuration>,
+    logging: Option<RawLogging>,
+    snapshot: Option<RawSnapshot>,
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
-    logging: Option<RawLogging>,
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    skip_verify: Option<bool>,
+    sync_interval: Option<GoDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -171,6 +227,15 @@ struct RawLogging {
     stderr: Option<bool>,
 }
 
+/// Litestream 0.5's `snapshot:` section, the defaults of every replica's `snapshot-interval`
+/// and `retention`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSnapshot {
+    interval: Option<GoDuration>,
+    retention: Option<GoDuration>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawDb {
@@ -178,11 +243,14 @@ struct RawDb {
     meta_path: Option<String>,
     monitor_interval: Option<GoDuration>,
     checkpoint_interval: Option<GoDuration>,
+    busy_timeout: Option<GoDuration>,
     min_checkpoint_page_count: Option<u32>,
     max_checkpoint_page_count: Option<u32>,
     truncate_wal_bytes: Option<u64>,
     restore_if_db_not_exists: Option<bool>,
-    replicas: Option<Vec<RawReplica>>,
+    replicas: Option<Vec<Spanned<RawReplica>>>,
+    /// Litestream 0.5's single replica; the same as a one-element `replicas`.
+    replica: Option<Spanned<RawReplica>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -204,6 +272,207 @@ struct RawReplica {
     snapshot_interval: Option<GoDuration>,
     retention: Option<GoDuration>,
     retention_check_interval: Option<GoDuration>,
+}
+
+/// A part of the file that has its own set of keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Top,
+    Logging,
+    Snapshot,
+    Db,
+    Replica,
+}
+
+impl Section {
+    const ALL: [Section; 5] = [
+        Section::Top,
+        Section::Logging,
+        Section::Snapshot,
+        Section::Db,
+        Section::Replica,
+    ];
+
+    /// The keys Walden implements here, read from the serde structs so the list cannot drift.
+    fn implemented(self) -> &'static [&'static str] {
+        match self {
+            Section::Top => struct_keys::<RawConfig>(),
+            Section::Logging => struct_keys::<RawLogging>(),
+            Section::Snapshot => struct_keys::<RawSnapshot>(),
+            Section::Db => struct_keys::<RawDb>(),
+            Section::Replica => struct_keys::<RawReplica>(),
+        }
+    }
+
+    /// Litestream keys that are valid here but that Walden refuses, each with a hint.
+    fn unsupported(self) -> Vec<(&'static str, Unsupported)> {
+        let v05 = |keys: &[&'static str]| {
+            keys.iter()
+                .map(|k| (*k, Unsupported::V05(None)))
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Section::Top => {
+                let mut keys = v05(TOP_05);
+                keys.extend(REPLICA_03.iter().map(|(k, _)| (*k, Unsupported::V05(None))));
+                keys.extend(v05(REPLICA_05));
+                keys
+            }
+            Section::Logging | Section::Snapshot => Vec::new(),
+            Section::Db => {
+                let mut keys = v05(DB_05);
+                keys.push((
+                    "truncate-page-n",
+                    Unsupported::V05(Some("use truncate-wal-bytes, a size in bytes")),
+                ));
+                keys
+            }
+            Section::Replica => {
+                let mut keys: Vec<_> = REPLICA_03
+                    .iter()
+                    .map(|(k, hint)| (*k, Unsupported::V03(hint)))
+                    .collect();
+                keys.extend(v05(REPLICA_05));
+                keys
+            }
+        }
+    }
+
+    /// The section whose implemented keys are exactly `keys` (serde's "expected one of" list).
+    fn with_keys(keys: &[&str]) -> Option<Section> {
+        Section::ALL.into_iter().find(|s| {
+            let mine = s.implemented();
+            mine.len() == keys.len() && mine.iter().all(|k| keys.contains(k))
+        })
+    }
+}
+
+/// Why Walden refuses a Litestream key.
+#[derive(Debug, Clone, Copy)]
+enum Unsupported {
+    /// A Litestream 0.3.13 key whose feature Walden has not implemented.
+    V03(&'static str),
+    /// A Litestream 0.5 key with no meaning in Walden, optionally with what to use instead.
+    V05(Option<&'static str>),
+}
+
+/// Litestream 0.3.13 replica keys Walden does not implement, with the feature they belong to.
+const REPLICA_03: &[(&str, &str)] = &[
+    ("validation-interval", "replica validation"),
+    ("age", "age encryption"),
+    ("account-name", "Azure Blob Storage replicas"),
+    ("account-key", "Azure Blob Storage replicas"),
+    ("host", "SFTP replicas"),
+    ("user", "SFTP replicas"),
+    ("password", "SFTP replicas"),
+    ("key-path", "SFTP replicas"),
+];
+
+/// Litestream 0.5 replica settings (also valid at its top level) with no Walden meaning.
+const REPLICA_05: &[&str] = &[
+    "auto-recover",
+    "sign-payload",
+    "require-content-md5",
+    "part-size",
+    "concurrency",
+    "sse-customer-algorithm",
+    "sse-customer-key",
+    "sse-customer-key-path",
+    "sse-kms-key-id",
+    "sas-token",
+    "concurrent-writes",
+    "host-key",
+    "webdav-url",
+    "webdav-username",
+    "webdav-password",
+    "jwt",
+    "seed",
+    "creds",
+    "nkey",
+    "username",
+    "token",
+    "tls",
+    "root-cas",
+    "client-cert",
+    "client-key",
+    "max-reconnects",
+    "reconnect-wait",
+    "timeout",
+];
+
+/// Litestream 0.5 top-level keys with no Walden meaning.
+const TOP_05: &[&str] = &[
+    "socket",
+    "levels",
+    "validation",
+    "l0-retention",
+    "l0-retention-check-interval",
+    "verify-compaction",
+    "heartbeat-url",
+    "heartbeat-interval",
+    "mcp-addr",
+    "shutdown-sync-interval",
+];
+
+/// Litestream 0.5 database keys with no Walden meaning (directory replication).
+const DB_05: &[&str] = &["dir", "pattern", "recursive", "watch"];
+
+/// One key of the configuration format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownKey {
+    pub section: Section,
+    pub key: &'static str,
+    /// False for Litestream keys Walden recognises only to refuse them.
+    pub supported: bool,
+}
+
+/// Every key Walden knows, implemented or refused, so documentation can be checked against
+/// the parser.
+pub fn known_keys() -> Vec<KnownKey> {
+    let mut keys = Vec::new();
+    for section in Section::ALL {
+        keys.extend(section.implemented().iter().map(|key| KnownKey {
+            section,
+            key,
+            supported: true,
+        }));
+        keys.extend(section.unsupported().into_iter().map(|(key, _)| KnownKey {
+            section,
+            key,
+            supported: false,
+        }));
+    }
+    keys
+}
+
+/// The field names serde derived for `T`: a deserializer that only records the list it is
+/// handed by `deserialize_struct`.
+fn struct_keys<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor, value::Error};
+    struct Capture<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Capture<'_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0.set(fields);
+            Err(Error::custom("fields captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let fields = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Capture(&fields));
+    fields.get()
 }
 
 /// A duration written the way Go writes them (`500ms`, `1h30m`, `1.5h`), because every
@@ -297,11 +566,18 @@ pub fn format_duration(d: Duration) -> String {
     out
 }
 
-/// Result of expanding `$VAR` references: the text and the names that were unset and had no
-/// default, so the caller can warn about them by name.
+/// Result of expanding `$VAR` references: the text and every reference to a variable that was
+/// unset and had no default, so the caller can name them.
 pub struct Expanded {
     pub text: String,
-    pub unset: BTreeSet<String>,
+    pub unset: Vec<UnsetVar>,
+}
+
+/// A reference to an unset variable without a default, at a 1-based line of the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsetVar {
+    pub name: String,
+    pub line: u64,
 }
 
 /// Expands `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$` (a literal `$`).
@@ -310,7 +586,8 @@ pub struct Expanded {
 /// for shells use both, so Walden accepts the superset.
 pub fn expand_env(text: &str, env: Env) -> Expanded {
     let mut out = String::with_capacity(text.len());
-    let mut unset = BTreeSet::new();
+    let mut unset = Vec::new();
+    let line_of = |i: usize| 1 + text[..i].matches('\n').count() as u64;
     let mut chars = text.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
         if c != '$' {
@@ -341,9 +618,10 @@ pub fn expand_env(text: &str, env: Env) -> Expanded {
                     (Some(v), Some((d, true))) if v.is_empty() => out.push_str(d),
                     (Some(v), _) => out.push_str(&v),
                     (None, Some((d, _))) => out.push_str(d),
-                    (None, None) => {
-                        unset.insert(name.to_string());
-                    }
+                    (None, None) => unset.push(UnsetVar {
+                        name: name.to_string(),
+                        line: line_of(i),
+                    }),
                 }
                 while let Some(&(j, _)) = chars.peek() {
                     if j > body_start + close {
@@ -366,9 +644,10 @@ pub fn expand_env(text: &str, env: Env) -> Expanded {
                 let name = &text[start..end];
                 match env(name) {
                     Some(v) => out.push_str(&v),
-                    None => {
-                        unset.insert(name.to_string());
-                    }
+                    None => unset.push(UnsetVar {
+                        name: name.to_string(),
+                        line: line_of(i),
+                    }),
                 }
             }
             _ => out.push('$'),
@@ -377,13 +656,30 @@ pub fn expand_env(text: &str, env: Env) -> Expanded {
     Expanded { text: out, unset }
 }
 
+/// Keys whose value must never silently become empty: an empty credential falls through to
+/// another source (or none) and an empty bucket is a different destination.
+const REQUIRED_WHEN_REFERENCED: [&str; 3] = ["access-key-id", "secret-access-key", "bucket"];
+
+/// The key defined on `line` of `text` if it is one of [`REQUIRED_WHEN_REFERENCED`]. Read from
+/// the text, because after expansion an unset variable leaves an empty value that YAML reads
+/// as null, with no position to report.
+fn required_key_on_line(text: &str, line: u64) -> Option<&'static str> {
+    let l = text.lines().nth(line.checked_sub(1)? as usize)?;
+    let l = l.trim_start().trim_start_matches("- ").trim_start();
+    REQUIRED_WHEN_REFERENCED.into_iter().find(|k| {
+        l.strip_prefix(k)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    })
+}
+
 /// Options that change how a file is read.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     pub no_expand_env: bool,
 }
 
-/// Reads and resolves a config file.
+/// Reads and resolves a config file. Unset variables are logged as one warning, except in
+/// credential and bucket fields, where they are errors.
 pub fn load(path: &Path, opts: LoadOptions, env: Env) -> Result<Config, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -397,51 +693,107 @@ pub fn load(path: &Path, opts: LoadOptions, env: Env) -> Result<Config, ConfigEr
             });
         }
     };
+    let file = path.display().to_string();
+    let mut problems = Vec::new();
     let text = if opts.no_expand_env {
         text
     } else {
         let expanded = expand_env(&text, env);
-        if !expanded.unset.is_empty() {
-            let names: Vec<_> = expanded.unset.iter().map(String::as_str).collect();
+        let mut warn = BTreeSet::new();
+        for u in &expanded.unset {
+            match required_key_on_line(&text, u.line) {
+                Some(key) => problems.push(Problem {
+                    file: file.clone(),
+                    line: Some(u.line),
+                    message: format!(
+                        "`{key}` uses the environment variable {} which is not set; set it, \
+                         or run with -no-expand-env to read the file literally",
+                        u.name
+                    ),
+                }),
+                None => {
+                    warn.insert(u.name.as_str());
+                }
+            }
+        }
+        if !warn.is_empty() {
             tracing::warn!(
-                file = %path.display(),
+                file = %file,
                 "config references unset environment variables: {}",
-                names.join(", ")
+                warn.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
         expanded.text
     };
-    let mut cfg = parse(&text, &path.display().to_string(), env)?;
+    let mut cfg = parse_checked(&text, &file, env, problems)?;
     cfg.source = Some(path.to_path_buf());
     Ok(cfg)
 }
 
-/// Parses and resolves config text; `file` names it in messages.
+/// Parses and resolves config text that is already expanded; `file` names it in messages.
 pub fn parse(text: &str, file: &str, env: Env) -> Result<Config, ConfigError> {
-    let raw: RawConfig = if text.trim().is_empty() {
-        RawConfig::default()
-    } else {
-        serde_saphyr::from_str(text).map_err(|e| parse_error(file, &e))?
-    };
-    resolve(raw, file, env)
+    parse_checked(text, file, env, Vec::new())
 }
 
-fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
+/// Parses and resolves, adding any problem to `problems` found before parsing.
+fn parse_checked(
+    text: &str,
+    file: &str,
+    env: Env,
+    mut problems: Vec<Problem>,
+) -> Result<Config, ConfigError> {
+    let raw: Result<RawConfig, _> = if text.trim().is_empty() {
+        Ok(RawConfig::default())
+    } else {
+        serde_saphyr::from_str(text)
+    };
+    match raw {
+        Ok(raw) => {
+            let mut found = Problems {
+                file,
+                list: problems,
+            };
+            let cfg = resolve(raw, &mut found, env);
+            problems = found.list;
+            if problems.is_empty() {
+                return Ok(cfg);
+            }
+        }
+        Err(e) => problems.push(parse_problem(file, &e)),
+    }
+    problems.sort_by_key(|p| p.line);
+    Err(ConfigError::Invalid { problems })
+}
+
+fn parse_problem(file: &str, e: &serde_saphyr::Error) -> Problem {
     let plain = e.without_snippet().to_string();
     let message = match plain.rfind(" at line ") {
         Some(p) => plain[..p].to_string(),
         None => plain,
     };
-    ConfigError::Parse {
+    Problem {
         file: file.to_string(),
-        line: e.location().map(|l| l.line()).unwrap_or(0),
-        message: suggest_key(&message),
+        line: e.location().map(|l| l.line()),
+        message: explain(&message),
     }
 }
 
-/// Turns serde's "unknown field `x`, expected one of a, b" into a sentence that names the
-/// nearest valid key, because a typo is the usual cause.
-fn suggest_key(message: &str) -> String {
+/// Makes a parser message say what to do: unknown keys get [`explain_unknown_key`], scalars
+/// of the wrong kind say which kind was expected.
+fn explain(message: &str) -> String {
+    match message {
+        "invalid boolean" => "invalid boolean; expected true or false".into(),
+        m if m.starts_with("invalid u") || m.starts_with("invalid i") => {
+            format!("{m}; expected a whole number")
+        }
+        m => explain_unknown_key(m),
+    }
+}
+
+/// Turns serde's "unknown field `x`, expected one of a, b" into a sentence: a Litestream key
+/// Walden refuses is named as such, anything else gets the nearest valid key, because a typo
+/// is the usual cause.
+fn explain_unknown_key(message: &str) -> String {
     let Some(rest) = message.strip_prefix("unknown field `") else {
         return message.to_string();
     };
@@ -458,6 +810,21 @@ fn suggest_key(message: &str) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    if let Some(section) = Section::with_keys(&expected)
+        && let Some((_, why)) = section.unsupported().into_iter().find(|(k, _)| *k == key)
+    {
+        return match why {
+            Unsupported::V03(feature) => {
+                format!("`{key}` is a Litestream key walden does not support yet ({feature})")
+            }
+            Unsupported::V05(None) => {
+                format!("`{key}` is a Litestream 0.5 key walden does not support")
+            }
+            Unsupported::V05(Some(hint)) => {
+                format!("`{key}` is a Litestream 0.5 key walden does not support; {hint}")
+            }
+        };
+    }
     let best = expected
         .iter()
         .map(|k| (strsim::levenshtein(key, k), *k))
@@ -472,11 +839,59 @@ fn suggest_key(message: &str) -> String {
     }
 }
 
-fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid {
-        file: file.to_string(),
-        message,
-    };
+/// Problems found while resolving, collected so that all of them can be reported at once.
+struct Problems<'a> {
+    file: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, line: Option<u64>, message: impl Into<String>) {
+        self.list.push(Problem {
+            file: self.file.to_string(),
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+/// Litestream 0.5's top-level replica settings and `snapshot:` section: defaults for every
+/// replica, which a replica's own value overrides.
+struct ReplicaDefaults {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    skip_verify: Option<bool>,
+    sync_interval: Option<GoDuration>,
+    snapshot_interval: Option<GoDuration>,
+    retention: Option<GoDuration>,
+}
+
+impl ReplicaDefaults {
+    fn none() -> ReplicaDefaults {
+        ReplicaDefaults {
+            access_key_id: None,
+            secret_access_key: None,
+            bucket: None,
+            endpoint: None,
+            region: None,
+            force_path_style: None,
+            skip_verify: None,
+            sync_interval: None,
+            snapshot_interval: None,
+            retention: None,
+        }
+    }
+}
+
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "warning", "error"];
+
+/// Resolves the raw file into a [`Config`], adding every problem to `found`; the returned
+/// config is only meaningful when no problem was added.
+fn resolve(raw: RawConfig, found: &mut Problems, env: Env) -> Config {
     let logging = raw.logging.unwrap_or_default();
     let json = match logging
         .kind
@@ -487,68 +902,61 @@ fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> 
         None | Some("text") => false,
         Some("json") => true,
         Some(other) => {
-            return Err(invalid(format!(
-                "logging.type {other:?} must be text or json"
-            )));
+            found.add(None, format!("logging.type {other:?} must be text or json"));
+            false
         }
     };
-    let creds = TopCredentials {
+    if let Some(level) = &logging.level
+        && !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str())
+    {
+        found.add(
+            None,
+            format!(
+                "logging.level {level:?} must be one of {}",
+                LOG_LEVELS.join(", ")
+            ),
+        );
+    }
+    let snapshot = raw.snapshot.unwrap_or_default();
+    for (key, value) in [
+        ("snapshot.interval", snapshot.interval),
+        ("snapshot.retention", snapshot.retention),
+        ("sync-interval", raw.sync_interval),
+    ] {
+        if value.is_some_and(|d| d.0.is_zero()) {
+            found.add(None, format!("{key} must be greater than 0"));
+        }
+    }
+    let defaults = ReplicaDefaults {
         access_key_id: raw.access_key_id.filter(|s| !s.is_empty()),
         secret_access_key: raw.secret_access_key.filter(|s| !s.is_empty()),
+        bucket: raw.bucket.filter(|s| !s.is_empty()),
+        endpoint: raw.endpoint.filter(|s| !s.is_empty()),
+        region: raw.region.filter(|s| !s.is_empty()),
+        force_path_style: raw.force_path_style,
+        skip_verify: raw.skip_verify,
+        sync_interval: raw.sync_interval,
+        snapshot_interval: snapshot.interval,
+        retention: snapshot.retention,
     };
-    let mut dbs = Vec::new();
+    let mut dbs: Vec<DbConfig> = Vec::new();
     for (i, db) in raw.dbs.unwrap_or_default().into_iter().enumerate() {
-        let path = db
-            .path
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| invalid(format!("dbs[{i}]: `path` is required")))?;
-        let path = absolute(&expand_tilde(&path));
-        let meta_path = match db.meta_path {
-            Some(m) => absolute(&expand_tilde(&m)),
-            None => default_meta_path(&path),
-        };
-        let mut replicas = Vec::new();
-        for (j, r) in db.replicas.unwrap_or_default().into_iter().enumerate() {
-            let rep = resolve_replica(r, &creds, env)
-                .map_err(|e| invalid(format!("dbs[{i}].replicas[{j}]: {e}")))?;
-            if replicas.iter().any(|x: &ReplicaConfig| x.name == rep.name) {
-                return Err(invalid(format!(
-                    "dbs[{i}]: two replicas are named {:?}; give each a distinct `name`",
-                    rep.name
-                )));
+        let line = Some(db.referenced.line());
+        if let Some(db) = resolve_db(db.value, i, line, &defaults, found, env) {
+            if dbs.iter().any(|d| d.path == db.path) {
+                found.add(
+                    line,
+                    format!(
+                        "dbs[{i}]: {} is listed twice; merge its replicas into one entry",
+                        db.path.display()
+                    ),
+                );
             }
-            replicas.push(rep);
+            dbs.push(db);
         }
-        let min = db
-            .min_checkpoint_page_count
-            .unwrap_or(DEFAULT_MIN_CHECKPOINT_PAGES);
-        if min == 0 {
-            return Err(invalid(format!(
-                "dbs[{i}]: min-checkpoint-page-count must be greater than 0"
-            )));
-        }
-        dbs.push(DbConfig {
-            path,
-            meta_path,
-            monitor_interval: db
-                .monitor_interval
-                .map_or(DEFAULT_MONITOR_INTERVAL, |d| d.0),
-            checkpoint_interval: db
-                .checkpoint_interval
-                .map_or(DEFAULT_CHECKPOINT_INTERVAL, |d| d.0),
-            min_checkpoint_page_count: min,
-            max_checkpoint_page_count: db
-                .max_checkpoint_page_count
-                .unwrap_or(DEFAULT_MAX_CHECKPOINT_PAGES),
-            truncate_wal_bytes: db
-                .truncate_wal_bytes
-                .unwrap_or(DEFAULT_TRUNCATE_WAL_BYTES)
-                .min(DEFAULT_TRUNCATE_WAL_BYTES * 3),
-            restore_if_db_not_exists: db.restore_if_db_not_exists.unwrap_or(true),
-            replicas,
-        });
     }
-    Ok(Config {
+    check_destinations(&dbs, found);
+    Config {
         source: None,
         dbs,
         addr: raw.addr.filter(|a| !a.is_empty()),
@@ -556,32 +964,150 @@ fn resolve(raw: RawConfig, file: &str, env: Env) -> Result<Config, ConfigError> 
         shutdown_timeout: raw
             .shutdown_timeout
             .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+        shutdown_sync_timeout: raw.shutdown_sync_timeout.map(|d| d.0),
         logging: Logging {
             level: logging.level,
             json,
             stderr: logging.stderr.unwrap_or(false),
         },
+    }
+}
+
+fn resolve_db(
+    db: RawDb,
+    i: usize,
+    line: Option<u64>,
+    defaults: &ReplicaDefaults,
+    found: &mut Problems,
+    env: Env,
+) -> Option<DbConfig> {
+    let path = db.path.filter(|p| !p.is_empty());
+    if path.is_none() {
+        found.add(line, format!("dbs[{i}]: `path` is required"));
+    }
+    let raw_replicas: Vec<(String, Spanned<RawReplica>)> = match (db.replica, db.replicas) {
+        (Some(_), Some(_)) => {
+            found.add(
+                line,
+                format!("dbs[{i}]: `replica` and `replicas` cannot both be set; use one"),
+            );
+            Vec::new()
+        }
+        (Some(r), None) => vec![(format!("dbs[{i}].replica"), r)],
+        (None, list) => list
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(j, r)| (format!("dbs[{i}].replicas[{j}]"), r))
+            .collect(),
+    };
+    let mut replicas: Vec<ReplicaConfig> = Vec::new();
+    for (at, r) in raw_replicas {
+        let rline = Some(r.referenced.line());
+        match resolve_replica(r.value, defaults, env) {
+            Ok(rep) => {
+                if replicas.iter().any(|x| x.name == rep.name) {
+                    found.add(
+                        rline,
+                        format!(
+                            "{at}: two replicas are named {:?}; give each a distinct `name`",
+                            rep.name
+                        ),
+                    );
+                }
+                replicas.push(rep);
+            }
+            Err(e) => found.add(rline, format!("{at}: {e}")),
+        }
+    }
+    let min = db
+        .min_checkpoint_page_count
+        .unwrap_or(DEFAULT_MIN_CHECKPOINT_PAGES);
+    if min == 0 {
+        found.add(
+            line,
+            format!("dbs[{i}]: min-checkpoint-page-count must be greater than 0"),
+        );
+    }
+    let path = absolute(&expand_tilde(&path?));
+    let meta_path = match db.meta_path {
+        Some(m) => absolute(&expand_tilde(&m)),
+        None => default_meta_path(&path),
+    };
+    Some(DbConfig {
+        path,
+        meta_path,
+        monitor_interval: db
+            .monitor_interval
+            .map_or(DEFAULT_MONITOR_INTERVAL, |d| d.0),
+        checkpoint_interval: db
+            .checkpoint_interval
+            .map_or(DEFAULT_CHECKPOINT_INTERVAL, |d| d.0),
+        busy_timeout: db.busy_timeout.map_or(DEFAULT_BUSY_TIMEOUT, |d| d.0),
+        min_checkpoint_page_count: min,
+        max_checkpoint_page_count: db
+            .max_checkpoint_page_count
+            .unwrap_or(DEFAULT_MAX_CHECKPOINT_PAGES),
+        truncate_wal_bytes: db
+            .truncate_wal_bytes
+            .unwrap_or(DEFAULT_TRUNCATE_WAL_BYTES)
+            .min(DEFAULT_TRUNCATE_WAL_BYTES * 3),
+        restore_if_db_not_exists: db.restore_if_db_not_exists.unwrap_or(true),
+        replicas,
     })
 }
 
-struct TopCredentials {
-    access_key_id: Option<String>,
-    secret_access_key: Option<String>,
+/// Two replicas writing to the same place would interleave two databases' generations and
+/// make both unrestorable; the usual cause is a multi-database config that forgot a `path`.
+fn check_destinations(dbs: &[DbConfig], found: &mut Problems) {
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for db in dbs {
+        for r in &db.replicas {
+            let place = match &r.target {
+                Target::File { dir } => format!("file://{}", dir.display()),
+                Target::S3(s3) => format!(
+                    "s3://{}/{} at {}",
+                    s3.bucket,
+                    s3.prefix.trim_matches('/'),
+                    s3.endpoint.as_deref().unwrap_or("AWS")
+                ),
+            };
+            let who = format!("replica {:?} of {}", r.name, db.path.display());
+            if let Some(first) = seen.get(&place) {
+                found.add(
+                    None,
+                    format!(
+                        "{first} and {who} both write to {place}; give each database its own \
+                         `path`"
+                    ),
+                );
+            } else {
+                seen.insert(place, who);
+            }
+        }
+    }
 }
 
 fn resolve_replica(
     r: RawReplica,
-    top: &TopCredentials,
+    defaults: &ReplicaDefaults,
     env: Env,
 ) -> Result<ReplicaConfig, ConfigError> {
-    let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
+    let sync_interval = r
+        .sync_interval
+        .or(defaults.sync_interval)
+        .map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
     if sync_interval.is_zero() {
         return Err(ConfigError::Replica(
             "sync-interval must be greater than 0".into(),
         ));
     }
-    let snapshot_interval = r.snapshot_interval.map(|d| d.0).filter(|d| !d.is_zero());
-    let retention = match r.retention {
+    let snapshot_interval = r
+        .snapshot_interval
+        .or(defaults.snapshot_interval)
+        .map(|d| d.0)
+        .filter(|d| !d.is_zero());
+    let retention = match r.retention.or(defaults.retention) {
         None => Some(DEFAULT_RETENTION),
         Some(d) if d.0.is_zero() => None,
         Some(d) => Some(d.0),
@@ -589,7 +1115,7 @@ fn resolve_replica(
     let retention_check_interval = r
         .retention_check_interval
         .map_or(DEFAULT_RETENTION_CHECK, |d| d.0);
-    let (target, default_name) = resolve_target(&r, top, env)?;
+    let (target, default_name) = resolve_target(&r, defaults, env)?;
     Ok(ReplicaConfig {
         name: r.name.clone().unwrap_or_else(|| default_name.to_string()),
         target,
@@ -602,7 +1128,7 @@ fn resolve_replica(
 
 fn resolve_target(
     r: &RawReplica,
-    top: &TopCredentials,
+    defaults: &ReplicaDefaults,
     env: Env,
 ) -> Result<(Target, &'static str), ConfigError> {
     let kind = r.kind.as_deref().filter(|k| !k.is_empty());
@@ -619,12 +1145,18 @@ fn resolve_target(
                     "`url` and `bucket` cannot both be set".into(),
                 ));
             }
-            apply_s3_fields(s3, r);
+            apply_s3_fields(s3, r, defaults);
         }
-        return finish_target(parsed, r, top, env);
+        return finish_target(parsed, r, defaults, env);
     }
+    let own_bucket = r.bucket.clone().filter(|b| !b.is_empty());
     match kind {
-        Some("file") | None if r.bucket.is_none() => {
+        None if own_bucket.is_none() && defaults.bucket.is_some() => Err(ConfigError::Replica(
+            "no `type`, and a top-level `bucket` is set: say `type: s3` to use that \
+                 bucket or `type: file` for a directory"
+                .into(),
+        )),
+        Some("file") | None if own_bucket.is_none() => {
             let path = r.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| {
                 ConfigError::Replica("a file replica needs `path` or `url`".into())
             })?;
@@ -636,7 +1168,7 @@ fn resolve_target(
             ))
         }
         Some("s3") | None => {
-            let bucket = r.bucket.clone().filter(|b| !b.is_empty()).ok_or_else(|| {
+            let bucket = own_bucket.or(defaults.bucket.clone()).ok_or_else(|| {
                 ConfigError::Replica("an s3 replica needs `bucket` or `url`".into())
             })?;
             let mut s3 = PartialS3 {
@@ -644,22 +1176,26 @@ fn resolve_target(
                 prefix: r.path.clone().unwrap_or_default(),
                 ..PartialS3::default()
             };
-            apply_s3_fields(&mut s3, r);
-            finish_target(ParsedUrl::S3(s3), r, top, env)
+            apply_s3_fields(&mut s3, r, defaults);
+            finish_target(ParsedUrl::S3(s3), r, defaults, env)
         }
         Some("file") => Err(ConfigError::Replica(
             "`bucket` is set on a file replica; use `type: s3` or remove `bucket`".into(),
         )),
-        Some(other @ ("gcs" | "abs" | "sftp")) => Err(ConfigError::Replica(format!(
-            "replica type {other:?} is not supported by walden yet; only s3 and file are"
-        ))),
+        Some(other @ ("gcs" | "gs" | "abs" | "sftp" | "webdav" | "nats" | "oss")) => {
+            Err(ConfigError::Replica(format!(
+                "replica type {other:?} is not supported by walden yet; only s3 and file are"
+            )))
+        }
         Some(other) => Err(ConfigError::Replica(format!(
             "unknown replica type {other:?}; expected s3 or file"
         ))),
     }
 }
 
-fn apply_s3_fields(s3: &mut PartialS3, r: &RawReplica) {
+/// Applies the replica's own S3 fields over what its URL said, then the top-level defaults
+/// where neither said anything.
+fn apply_s3_fields(s3: &mut PartialS3, r: &RawReplica, defaults: &ReplicaDefaults) {
     if let Some(e) = r.endpoint.clone().filter(|e| !e.is_empty()) {
         s3.endpoint = Some(e);
     }
@@ -671,13 +1207,24 @@ fn apply_s3_fields(s3: &mut PartialS3, r: &RawReplica) {
     }
     if let Some(v) = r.skip_verify {
         s3.skip_verify = v;
+    } else if let Some(v) = defaults.skip_verify {
+        s3.skip_verify = v;
+    }
+    if s3.endpoint.is_none() {
+        s3.endpoint = defaults.endpoint.clone();
+    }
+    if s3.region.is_none() {
+        s3.region = defaults.region.clone();
+    }
+    if s3.force_path_style.is_none() {
+        s3.force_path_style = defaults.force_path_style;
     }
 }
 
 fn finish_target(
     parsed: ParsedUrl,
     r: &RawReplica,
-    top: &TopCredentials,
+    defaults: &ReplicaDefaults,
     env: Env,
 ) -> Result<(Target, &'static str), ConfigError> {
     match parsed {
@@ -686,7 +1233,7 @@ fn finish_target(
             let creds = resolve_credentials(
                 r.access_key_id.clone(),
                 r.secret_access_key.clone(),
-                top,
+                defaults,
                 env,
             );
             Ok((Target::S3(s3.finish(creds)), "s3"))
@@ -695,16 +1242,19 @@ fn finish_target(
 }
 
 /// Static credentials in Litestream's order: replica keys, top-level keys, `LITESTREAM_*`,
-/// then `AWS_*`. There is deliberately no instance-metadata fallback: a missing key is a
-/// startup error, not a silent network lookup.
+/// `AWS_*`, then the shared credentials file's profile. There is deliberately no
+/// instance-metadata fallback: a missing key is a startup error, not a silent network lookup.
 fn resolve_credentials(
     key: Option<String>,
     secret: Option<String>,
-    top: &TopCredentials,
+    top: &ReplicaDefaults,
     env: Env,
 ) -> Credentials {
     let key = key.filter(|s| !s.is_empty());
     let secret = secret.filter(|s| !s.is_empty());
+    let aws_key = non_empty(env, "AWS_ACCESS_KEY_ID").or_else(|| non_empty(env, "AWS_ACCESS_KEY"));
+    let aws_secret =
+        non_empty(env, "AWS_SECRET_ACCESS_KEY").or_else(|| non_empty(env, "AWS_SECRET_KEY"));
     let (key, secret, token) = if key.is_some() || secret.is_some() {
         (key, secret, None)
     } else if top.access_key_id.is_some() || top.secret_access_key.is_some() {
@@ -721,12 +1271,10 @@ fn resolve_credentials(
             non_empty(env, "LITESTREAM_SECRET_ACCESS_KEY"),
             None,
         )
+    } else if aws_key.is_some() || aws_secret.is_some() {
+        (aws_key, aws_secret, non_empty(env, "AWS_SESSION_TOKEN"))
     } else {
-        (
-            non_empty(env, "AWS_ACCESS_KEY_ID").or_else(|| non_empty(env, "AWS_ACCESS_KEY")),
-            non_empty(env, "AWS_SECRET_ACCESS_KEY").or_else(|| non_empty(env, "AWS_SECRET_KEY")),
-            non_empty(env, "AWS_SESSION_TOKEN"),
-        )
+        profile_credentials(env).unwrap_or_default()
     };
     // A missing key or secret is reported when the store is opened, so commands that never
     // touch the store (`databases`) work without credentials.
@@ -735,6 +1283,54 @@ fn resolve_credentials(
         secret_access_key: secret.unwrap_or_default(),
         session_token: token,
     }
+}
+
+/// Key, secret and session token from a shared credentials file, as found.
+type FileCredentials = (Option<String>, Option<String>, Option<String>);
+
+/// The `AWS_PROFILE` profile (default `default`) of the shared credentials file
+/// (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`). A missing file or profile
+/// means no credentials from here; the store reports that when it is opened.
+fn profile_credentials(env: Env) -> Option<FileCredentials> {
+    let path = match non_empty(env, "AWS_SHARED_CREDENTIALS_FILE") {
+        Some(p) => expand_tilde(&p),
+        None => Path::new(&non_empty(env, "HOME")?).join(".aws/credentials"),
+    };
+    let profile = non_empty(env, "AWS_PROFILE").unwrap_or_else(|| "default".into());
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_credentials_file(&text, &profile)
+}
+
+/// Reads one profile of an INI-style AWS credentials file; `None` if the profile is absent.
+fn parse_credentials_file(text: &str, profile: &str) -> Option<FileCredentials> {
+    let mut in_profile = false;
+    let mut found = false;
+    let (mut key, mut secret, mut token) = (None, None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = name.trim() == profile;
+            found |= in_profile;
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if !in_profile {
+            continue;
+        }
+        let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
+        match k.trim().to_ascii_lowercase().as_str() {
+            "aws_access_key_id" => key = v,
+            "aws_secret_access_key" => secret = v,
+            "aws_session_token" => token = v,
+            _ => {}
+        }
+    }
+    found.then_some((key, secret, token))
 }
 
 struct Credentials {
@@ -761,10 +1357,19 @@ impl PartialS3 {
     fn finish(self, c: Credentials) -> S3Config {
         let region = self.region.unwrap_or_else(|| "us-east-1".to_string());
         let force_path_style = self.force_path_style.unwrap_or(self.endpoint.is_some());
+        // A local endpoint without a scheme is a test or LAN server that speaks plain HTTP;
+        // anything else without a scheme gets https from the store.
+        let endpoint = self.endpoint.map(|e| {
+            if !e.contains("://") && is_local_endpoint(&e) {
+                format!("http://{e}")
+            } else {
+                e
+            }
+        });
         S3Config {
             bucket: self.bucket,
             prefix: self.prefix,
-            endpoint: self.endpoint,
+            endpoint,
             region,
             access_key_id: c.access_key_id,
             secret_access_key: c.secret_access_key,
@@ -787,11 +1392,7 @@ pub fn replica_from_url(url: &str, env: Env) -> Result<ReplicaConfig, ConfigErro
         url: Some(url.to_string()),
         ..RawReplica::default()
     };
-    let top = TopCredentials {
-        access_key_id: None,
-        secret_access_key: None,
-    };
-    resolve_replica(raw, &top, env)
+    resolve_replica(raw, &ReplicaDefaults::none(), env)
 }
 
 /// Whether a command-line argument is a replica URL rather than a database path.
@@ -804,9 +1405,18 @@ fn parse_replica_url(url: &str) -> Result<ParsedUrl, ConfigError> {
         url: url.to_string(),
         reason: reason.to_string(),
     };
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| bad("expected a scheme such as s3:// or file://"))?;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // `s3:bucket/x` is a mistyped URL, not a directory named `s3:bucket`.
+        if let Some((word, _)) = url.split_once(':')
+            && !word.is_empty()
+            && word.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(bad(
+                "expected scheme://, e.g. s3://bucket/path or file:///dir",
+            ));
+        }
+        return Ok(ParsedUrl::File(absolute(&expand_tilde(&clean_path(url)))));
+    };
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
@@ -1048,6 +1658,7 @@ pub fn db_from_args(path: &Path, replicas: Vec<ReplicaConfig>) -> DbConfig {
         path,
         monitor_interval: DEFAULT_MONITOR_INTERVAL,
         checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+        busy_timeout: DEFAULT_BUSY_TIMEOUT,
         min_checkpoint_page_count: DEFAULT_MIN_CHECKPOINT_PAGES,
         max_checkpoint_page_count: DEFAULT_MAX_CHECKPOINT_PAGES,
         truncate_wal_bytes: DEFAULT_TRUNCATE_WAL_BYTES,
@@ -1081,6 +1692,7 @@ impl Default for Config {
             addr: None,
             exec: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            shutdown_sync_timeout: None,
             logging: Logging::default(),
         }
     }
@@ -1091,6 +1703,156 @@ impl Config {
     pub fn db(&self, path: &Path) -> Option<&DbConfig> {
         let want = absolute(path);
         self.dbs.iter().find(|d| d.path == want)
+    }
+
+    /// How long the final sync at shutdown may take: `shutdown-sync-timeout`, else the
+    /// shutdown timeout, never less than [`MIN_FINAL_SYNC_TIMEOUT`].
+    pub fn final_sync_timeout(&self) -> Duration {
+        self.shutdown_sync_timeout
+            .unwrap_or(self.shutdown_timeout)
+            .max(MIN_FINAL_SYNC_TIMEOUT)
+    }
+
+    /// The effective configuration as YAML in the file's own keys, every default filled in
+    /// and every secret shown as `<redacted>`, so it can be read, diffed and pasted back.
+    pub fn to_yaml(&self) -> String {
+        let view = ConfigView {
+            addr: self.addr.as_deref(),
+            exec: self.exec.as_deref(),
+            shutdown_timeout: format_duration(self.shutdown_timeout),
+            shutdown_sync_timeout: format_duration(self.final_sync_timeout()),
+            logging: LoggingView {
+                level: self.logging.level.as_deref().unwrap_or("info"),
+                kind: if self.logging.json { "json" } else { "text" },
+                stderr: self.logging.stderr,
+            },
+            dbs: self.dbs.iter().map(DbView::of).collect(),
+        };
+        let mut out = String::new();
+        if let Some(src) = &self.source {
+            out += &format!("# effective configuration of {}\n", src.display());
+        }
+        out += &serde_saphyr::to_string(&view).expect("a config view always serializes");
+        out
+    }
+}
+
+/// What secrets look like in [`Config::to_yaml`]; an absent secret stays empty, so a missing
+/// credential is visible.
+const REDACTED: &str = "<redacted>";
+
+fn redact(secret: &str) -> &'static str {
+    if secret.is_empty() { "" } else { REDACTED }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ConfigView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addr: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec: Option<&'a str>,
+    shutdown_timeout: String,
+    shutdown_sync_timeout: String,
+    logging: LoggingView<'a>,
+    dbs: Vec<DbView>,
+}
+
+#[derive(Serialize)]
+struct LoggingView<'a> {
+    level: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    stderr: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct DbView {
+    path: String,
+    meta_path: String,
+    monitor_interval: String,
+    checkpoint_interval: String,
+    busy_timeout: String,
+    min_checkpoint_page_count: u32,
+    max_checkpoint_page_count: u32,
+    truncate_wal_bytes: u64,
+    restore_if_db_not_exists: bool,
+    replicas: Vec<ReplicaView>,
+}
+
+impl DbView {
+    fn of(db: &DbConfig) -> DbView {
+        DbView {
+            path: db.path.display().to_string(),
+            meta_path: db.meta_path.display().to_string(),
+            monitor_interval: format_duration(db.monitor_interval),
+            checkpoint_interval: format_duration(db.checkpoint_interval),
+            busy_timeout: format_duration(db.busy_timeout),
+            min_checkpoint_page_count: db.min_checkpoint_page_count,
+            max_checkpoint_page_count: db.max_checkpoint_page_count,
+            truncate_wal_bytes: db.truncate_wal_bytes,
+            restore_if_db_not_exists: db.restore_if_db_not_exists,
+            replicas: db.replicas.iter().map(ReplicaView::of).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ReplicaView {
+    name: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    path: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    s3: Option<S3View>,
+    sync_interval: String,
+    snapshot_interval: String,
+    retention: String,
+    retention_check_interval: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct S3View {
+    bucket: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    region: String,
+    force_path_style: bool,
+    skip_verify: bool,
+    access_key_id: &'static str,
+    secret_access_key: &'static str,
+}
+
+impl ReplicaView {
+    fn of(r: &ReplicaConfig) -> ReplicaView {
+        let (path, s3) = match &r.target {
+            Target::File { dir } => (dir.display().to_string(), None),
+            Target::S3(c) => (
+                c.prefix.clone(),
+                Some(S3View {
+                    bucket: c.bucket.clone(),
+                    endpoint: c.endpoint.clone(),
+                    region: c.region.clone(),
+                    force_path_style: c.force_path_style,
+                    skip_verify: c.skip_verify,
+                    access_key_id: redact(&c.access_key_id),
+                    secret_access_key: redact(&c.secret_access_key),
+                }),
+            ),
+        };
+        ReplicaView {
+            name: r.name.clone(),
+            kind: r.target.kind(),
+            path,
+            s3,
+            sync_interval: format_duration(r.sync_interval),
+            snapshot_interval: format_duration(r.snapshot_interval.unwrap_or_default()),
+            retention: format_duration(r.retention.unwrap_or_default()),
+            retention_check_interval: format_duration(r.retention_check_interval),
+        }
     }
 }
 
@@ -1129,7 +1891,11 @@ mod tests {
             &env,
         );
         assert_eq!(e.text, "x x d e $A f|| ");
-        assert_eq!(e.unset.into_iter().collect::<Vec<_>>(), vec!["UNSET_X"]);
+        let names: Vec<&str> = e.unset.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["UNSET_X"]);
+        let e = expand_env("a: 1\nb: ${NOPE}\nc: $NOPE\n", &env);
+        let lines: Vec<u64> = e.unset.iter().map(|u| u.line).collect();
+        assert_eq!(lines, [2, 3]);
     }
 
     #[test]
@@ -1182,6 +1948,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no S3 credentials for bucket b"), "{err}");
+    }
+
+    #[test]
+    fn struct_keys_come_from_serde() {
+        assert_eq!(Section::Snapshot.implemented(), ["interval", "retention"]);
+        assert!(Section::Replica.implemented().contains(&"force-path-style"));
+        assert_eq!(
+            Section::with_keys(&["retention", "interval"]),
+            Some(Section::Snapshot)
+        );
+    }
+
+    #[test]
+    fn credentials_file_profiles() {
+        let text = "# comment\n[default]\naws_access_key_id = K1\naws_secret_access_key=S1\n\n\
+                    [prod]\naws_access_key_id = K2\naws_secret_access_key = S2\n\
+                    aws_session_token = T2\n";
+        let k = |p| parse_credentials_file(text, p);
+        assert_eq!(
+            k("default"),
+            Some((Some("K1".into()), Some("S1".into()), None))
+        );
+        assert_eq!(
+            k("prod"),
+            Some((Some("K2".into()), Some("S2".into()), Some("T2".into())))
+        );
+        assert_eq!(k("missing"), None);
     }
 
     #[test]
