@@ -46,6 +46,9 @@ enum Command {
     Wal(WalArgs),
     /// List the databases in the configuration
     Databases(ConfigArgs),
+    /// Print the effective configuration (defaults filled in, secrets redacted), or every
+    /// problem in it
+    Config(ConfigArgs),
     /// Print the version
     Version,
 }
@@ -262,6 +265,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshots(a) => snapshots(a).await,
         Command::Wal(a) => wal(a).await,
         Command::Databases(a) => databases(a),
+        Command::Config(a) => show_config(a),
     }
 }
 
@@ -689,6 +693,25 @@ async fn wal(args: WalArgs) -> Result<ExitCode> {
         &rows,
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `walden config`: the effective configuration on stdout; if it is invalid, every problem
+/// on stderr, one `error:` line each, and a failing exit code. Warnings (unset variables)
+/// are logged to stderr.
+fn show_config(args: ConfigArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    match load_config(&args) {
+        Ok(cfg) => {
+            print!("{}", cfg.to_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn databases(args: ConfigArgs) -> Result<ExitCode> {
