@@ -651,6 +651,82 @@ fn missing_database_is_restored_before_the_child_starts_with_metadata_deleted() 
     missing_database_is_restored_before_the_child_starts(false);
 }
 
+/// `(generation, end)` per line of `walden generations`, `end` as printed (1 s resolution).
+fn generation_ends(setup: &Setup) -> Vec<(String, String)> {
+    let out = setup.generations();
+    out.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(
+                fields.len(),
+                5,
+                "unexpected `walden generations` line {line:?}\n{out}"
+            );
+            (fields[1].to_string(), fields[4].to_string())
+        })
+        .collect()
+}
+
+/// Regression for the bug marked at `missing_database_is_restored_before_the_child_starts`:
+/// after restore-before-start, the run replicates into a new generation; when it ends in the
+/// same second as the generation it was restored from, `walden restore` must still restore the
+/// newer one. Generation IDs are random, so the cycle (write, delete the database, restore and
+/// write more) is repeated until such a tie has happened with the new ID sorting both after
+/// and before the old one: a tie broken by ID order fails one of the two every time.
+#[test]
+fn regression_restore_prefers_the_newer_of_two_generations_ending_in_the_same_second() {
+    let s3 = shared_s3();
+    // Whether a same-second tie was checked with the new generation's ID sorting [after, before]
+    // the old one.
+    let mut checked = [false, false];
+    let mut attempts = 0;
+    while checked != [true, true] && attempts < 16 {
+        attempts += 1;
+        let setup = Setup::new(Replica::S3 {
+            s3,
+            prefix: s3.prefix("supervise-same-second"),
+            sync_interval: "200ms",
+        });
+        let first = setup.writer(5, "seen-1", 0);
+        assert_exit("first run", &setup.run(Some(&first)), 0);
+        let old = generation_ends(&setup);
+        assert_eq!(old.len(), 1, "generations after the first run: {old:?}");
+        setup.delete_db(false);
+        let second = setup.writer(5, "seen-2", 0);
+        let result = setup.run(Some(&second));
+        assert_exit("second run", &result, 0);
+        assert_eq!(setup.reported("seen-2").as_deref(), Some("5"));
+
+        let both = generation_ends(&setup);
+        let Some((new_id, new_end)) = both.iter().find(|(g, _)| *g != old[0].0).cloned() else {
+            panic!(
+                "the second run made no new generation: {both:?}\n{}",
+                result.1
+            );
+        };
+        let old_end = &both.iter().find(|(g, _)| *g == old[0].0).unwrap().1;
+        if new_end != *old_end {
+            continue;
+        }
+        let order = usize::from(new_id < old[0].0);
+        if checked[order] {
+            continue;
+        }
+        checked[order] = true;
+        eprintln!(
+            "attempt {attempts}: old {} and new {new_id} both end at {new_end}",
+            old[0].0
+        );
+        assert_replica_matches(&setup, "restored.db", 10, &result.1);
+    }
+    assert_eq!(
+        checked,
+        [true, true],
+        "no same-second tie in both ID orders after {attempts} attempts; cannot check"
+    );
+}
+
 /// With the store down, a missing database that has a backup cannot be restored: Walden exits
 /// 71 without starting the child and without creating a database. Once the store is back, the
 /// same command restores the database and runs the child.
