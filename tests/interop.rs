@@ -453,16 +453,19 @@ fn parse_object(name: &str) -> Option<(String, u32, Option<u32>)> {
     }
 }
 
-/// The replica's layout: every object has a v0.3 name and starts with the v0.3 LZ4 header.
-/// Returns (snapshot count, distinct WAL indexes).
+/// The replica's layout: every object has a v0.3 name and starts with the v0.3 LZ4 header, and
+/// all of them belong to one generation (one uninterrupted run of the replicator must not start
+/// a new one). Returns (snapshot count, distinct WAL indexes).
 fn check_layout(target: &Target, s3: &S3Server) -> (usize, BTreeSet<u32>) {
     let names = target.objects(s3);
     assert!(!names.is_empty(), "replica is empty");
     let mut snapshots = 0;
     let mut indexes = BTreeSet::new();
+    let mut generations = BTreeSet::new();
     for name in &names {
-        let (_, index, offset) = parse_object(name)
+        let (generation, index, offset) = parse_object(name)
             .unwrap_or_else(|| panic!("object {name:?} does not match the v0.3 layout"));
+        generations.insert(generation);
         match offset {
             None => snapshots += 1,
             Some(_) => {
@@ -476,6 +479,7 @@ fn check_layout(target: &Target, s3: &S3Server) -> (usize, BTreeSet<u32>) {
             &body[..body.len().min(7)]
         );
     }
+    assert_eq!(generations.len(), 1, "one generation expected: {names:#?}");
     (snapshots, indexes)
 }
 
@@ -616,7 +620,12 @@ fn walden_file_replica_is_restored_by_litestream_and_walden() {
 fn litestream_file_replica_is_restored_by_walden() {
     let replica = tempfile::tempdir().unwrap();
     let target = Target::File(replica.path().join("replica"));
-    Case::new(Tool::Litestream, target, &[Tool::Walden]).run();
+    Case::new(Tool::Litestream, target.clone(), &[Tool::Walden]).run();
+    let (snapshots, indexes) = check_layout(&target, shared_s3());
+    assert!(
+        snapshots > 1 && indexes.len() > 1,
+        "{snapshots} snapshots, indexes {indexes:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
