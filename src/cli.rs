@@ -269,6 +269,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Logs the configuration's warnings; a no-op until logging is set up, so `replicate` calls
+/// it again once it is.
+fn report_warnings(cfg: &Config) {
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+}
+
 fn load_config(args: &ConfigArgs) -> Result<Config> {
     let env: config::Env = &config::process_env;
     let path = config::locate(args.config.as_deref(), env).ok_or_else(|| {
@@ -284,6 +292,8 @@ fn load_config(args: &ConfigArgs) -> Result<Config> {
         },
         env,
     )?;
+    tracing::debug!(path = %path.display(), "config loaded");
+    report_warnings(&cfg);
     Ok(cfg)
 }
 
@@ -375,6 +385,7 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     if let Some(src) = &cfg.source {
         tracing::info!(path = %src.display(), "config loaded");
     }
+    report_warnings(&cfg);
     if cfg.dbs.is_empty() {
         tracing::error!("no databases specified in configuration");
     }
@@ -408,7 +419,7 @@ async fn final_sync(
     cfg: &Config,
     events: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Event>>,
 ) -> bool {
-    let timeout = cfg.shutdown_timeout.max(Duration::from_secs(10));
+    let timeout = cfg.final_sync_timeout();
     let sync = replicator.shutdown(timeout);
     let abandon = async {
         match events {

@@ -91,6 +91,10 @@ pub struct Config {
     /// working as one knob.
     pub shutdown_sync_timeout: Option<Duration>,
     pub logging: Logging,
+    /// Problems worth a warning but not a refusal (unset variables), kept for the caller to
+    /// log: `replicate` reads its logging settings from this very file, so nothing can be
+    /// logged while it is being loaded.
+    pub warnings: Vec<String>,
 }
 
 /// Default of `shutdown-timeout`: long enough for an application to drain requests, short
@@ -695,6 +699,7 @@ pub fn load(path: &Path, opts: LoadOptions, env: Env) -> Result<Config, ConfigEr
     };
     let file = path.display().to_string();
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let text = if opts.no_expand_env {
         text
     } else {
@@ -717,16 +722,16 @@ pub fn load(path: &Path, opts: LoadOptions, env: Env) -> Result<Config, ConfigEr
             }
         }
         if !warn.is_empty() {
-            tracing::warn!(
-                file = %file,
-                "config references unset environment variables: {}",
+            warnings.push(format!(
+                "{file}: config references unset environment variables: {}",
                 warn.into_iter().collect::<Vec<_>>().join(", ")
-            );
+            ));
         }
         expanded.text
     };
     let mut cfg = parse_checked(&text, &file, env, problems)?;
     cfg.source = Some(path.to_path_buf());
+    cfg.warnings = warnings;
     Ok(cfg)
 }
 
@@ -970,6 +975,7 @@ fn resolve(raw: RawConfig, found: &mut Problems, env: Env) -> Config {
             json,
             stderr: logging.stderr.unwrap_or(false),
         },
+        warnings: Vec::new(),
     }
 }
 
@@ -1694,6 +1700,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             shutdown_sync_timeout: None,
             logging: Logging::default(),
+            warnings: Vec::new(),
         }
     }
 }

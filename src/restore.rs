@@ -135,7 +135,7 @@ pub struct Restored {
 /// Chooses replica, generation, snapshot and segments. `None` when there is nothing to
 /// restore.
 pub async fn plan(replicas: &[Replica], opts: &RestoreOptions) -> Result<Plan, RestoreError> {
-    let mut best: Option<(Plan, SystemTime)> = None;
+    let mut best: Option<(Plan, (SystemTime, SystemTime))> = None;
     let mut ranges = Vec::new();
     for (ri, replica) in replicas.iter().enumerate() {
         let storage = |source| RestoreError::Storage {
@@ -159,8 +159,8 @@ pub async fn plan(replicas: &[Replica], opts: &RestoreOptions) -> Result<Plan, R
                 continue;
             };
             let score = match opts.timestamp {
-                Some(t) => updated.min(t),
-                None => updated,
+                Some(t) => (updated.min(t), start),
+                None => (updated, start),
             };
             if best.as_ref().is_none_or(|(_, s)| score > *s) {
                 best = Some((plan, score));

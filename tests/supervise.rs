@@ -610,12 +610,9 @@ fn rows_written_just_before_the_child_exits_are_in_the_replica() {
 /// Then the database is deleted, and the second run's child must see those 50 rows at start;
 /// it adds 10 more, which must be replicated too.
 ///
-/// Bug (walden, found here): the final check fails about half the time. The second run restores
-/// generation A and, as it must, replicates into a new generation B that holds all 60 rows; but
-/// when A and B both end within the same second, `walden restore` picks A (restore::plan keeps
-/// the first of equal 1 s storage timestamps, and generation IDs are random), so the restore
-/// has 50 rows although the run that wrote the other 10 exited 0.
-/// `regression_restore_prefers_the_newer_of_two_generations_ending_in_the_same_second` pins it.
+/// This once failed about half the time: generations A and B ending in the same second tied in
+/// restore's choice; `regression_a_new_generation_is_dated_after_the_one_it_was_restored_from`
+/// pins the fix.
 fn missing_database_is_restored_before_the_child_starts(keep_meta: bool) {
     let s3 = shared_s3();
     let setup = Setup::new(Replica::S3 {
@@ -668,21 +665,17 @@ fn generation_ends(setup: &Setup) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Regression for the bug marked at `missing_database_is_restored_before_the_child_starts`:
-/// after restore-before-start, the run replicates into a new generation; when it ends in the
-/// same second as the generation it was restored from, `walden restore` must still restore the
-/// newer one. Generation IDs are random, so the cycle (write, delete the database, restore and
-/// write more) is repeated until such a tie has happened with the new ID sorting both after
-/// and before the old one: a tie broken by ID order fails one of the two every time.
+/// Regression for the bug once marked at `missing_database_is_restored_before_the_child_starts`:
+/// after restore-before-start the run replicates into a new generation, and when it ended in
+/// the same second as the generation it was restored from, `walden restore` could pick the old
+/// one (storage timestamps have 1 s resolution; generation IDs are random). Walden now dates a
+/// new generation strictly after every other one, so each cycle (write, delete the database,
+/// restore and write more) must leave the new generation ending later, and a restore must
+/// bring back every row. Several quick cycles make a same-second start likely.
 #[test]
-fn regression_restore_prefers_the_newer_of_two_generations_ending_in_the_same_second() {
+fn regression_a_new_generation_is_dated_after_the_one_it_was_restored_from() {
     let s3 = shared_s3();
-    // Whether a same-second tie was checked with the new generation's ID sorting [after, before]
-    // the old one.
-    let mut checked = [false, false];
-    let mut attempts = 0;
-    while checked != [true, true] && attempts < 16 {
-        attempts += 1;
+    for cycle in 0..4 {
         let setup = Setup::new(Replica::S3 {
             s3,
             prefix: s3.prefix("supervise-same-second"),
@@ -706,25 +699,13 @@ fn regression_restore_prefers_the_newer_of_two_generations_ending_in_the_same_se
             );
         };
         let old_end = &both.iter().find(|(g, _)| *g == old[0].0).unwrap().1;
-        if new_end != *old_end {
-            continue;
-        }
-        let order = usize::from(new_id < old[0].0);
-        if checked[order] {
-            continue;
-        }
-        checked[order] = true;
-        eprintln!(
-            "attempt {attempts}: old {} and new {new_id} both end at {new_end}",
+        assert!(
+            new_end > *old_end,
+            "cycle {cycle}: new generation {new_id} ends at {new_end}, not after {} at {old_end}",
             old[0].0
         );
         assert_replica_matches(&setup, "restored.db", 10, &result.1);
     }
-    assert_eq!(
-        checked,
-        [true, true],
-        "no same-second tie in both ID orders after {attempts} attempts; cannot check"
-    );
 }
 
 /// With the store down, a missing database that has a backup cannot be restored: Walden exits

@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -140,7 +140,6 @@ pub struct Db {
 const MAX_SHADOW_SIZE: u64 = 0xF000_0000;
 /// Frames are copied in chunks so memory stays bounded whatever the transaction size.
 const COPY_CHUNK: u64 = 4 << 20;
-const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Db {
     pub fn new(cfg: DbConfig) -> Db {
@@ -261,7 +260,7 @@ impl Db {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(self.sqlite_err("open"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
+        conn.busy_timeout(self.cfg.busy_timeout)
             .map_err(self.sqlite_err("busy_timeout"))?;
         conn.execute_batch("PRAGMA cache_size = -256")
             .map_err(self.sqlite_err("cache_size"))?;

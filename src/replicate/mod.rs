@@ -546,6 +546,10 @@ impl Uploader {
         match &status.snapshot {
             Some(snap) if snap.generation == current.generation => {
                 self.upload_snapshot(snap).await?;
+                if let Err(e) = self.make_generation_newest(snap).await {
+                    tracing::warn!(replica = %self.cfg.name, error = %e,
+                        "cannot check that the new generation is the newest in the store");
+                }
                 self.set_pos(
                     &current.generation,
                     Pos {
@@ -560,6 +564,48 @@ impl Uploader {
                 Ok(false)
             }
         }
+    }
+
+    /// Restore picks the generation with the newest object, and stores date objects to the
+    /// second: a generation started within the same second as the previous one ended (a restore
+    /// followed by a quick restart) would tie with it, and restore could bring back the old
+    /// history. The snapshot that starts a generation is uploaded again until the store dates
+    /// it strictly after every other generation's last object.
+    async fn make_generation_newest(&self, snap: &LocalSnapshot) -> Result<(), ReplicateError> {
+        let err = |e| self.storage_err(e);
+        let mut others = None;
+        for g in self.replica.generations().await.map_err(err)? {
+            if g == snap.generation {
+                continue;
+            }
+            let info = self.replica.generation_info(&g).await.map_err(err)?;
+            if let Some((_, updated)) = info.bounds() {
+                others = Some(others.map_or(updated, |o: SystemTime| o.max(updated)));
+            }
+        }
+        let Some(others) = others else { return Ok(()) };
+        for _ in 0..5 {
+            let mine = self
+                .replica
+                .snapshots(&snap.generation)
+                .await
+                .map_err(err)?
+                .into_iter()
+                .find(|s| s.index == snap.index)
+                .map(|s| s.created);
+            if mine.is_some_and(|m| m > others) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            self.replica
+                .put_snapshot(&snap.generation, snap.index, Body::File(snap.path.clone()))
+                .await
+                .map_err(err)?;
+        }
+        Err(ReplicateError::Internal(format!(
+            "generation {} is still not dated after the previous one",
+            snap.generation
+        )))
     }
 
     async fn upload_snapshot(&mut self, snap: &Arc<LocalSnapshot>) -> Result<(), ReplicateError> {
