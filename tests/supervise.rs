@@ -881,3 +881,44 @@ fn an_orphaned_grandchild_is_adopted_and_reaped() {
     let code = walden.wait(EXIT_TIMEOUT);
     assert_exit("child exits 0", &(code, walden.log()), 0);
 }
+
+/// Under systemd (`Type=notify`), READY=1 reaches the notify socket once the child runs, and
+/// STOPPING=1 when it has exited; a unit that waits for readiness starts on time.
+#[test]
+fn readiness_is_sent_to_the_notify_socket_once_the_child_runs() {
+    let mut setup = Setup::new(Replica::File);
+    let socket_path = setup.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(REPORT_TIMEOUT))
+        .expect("socket timeout");
+    setup.env.push((
+        "NOTIFY_SOCKET".into(),
+        socket_path.to_string_lossy().into_owned(),
+    ));
+    let marker = setup.path("child-started");
+    let child = setup.script(
+        "child.sh",
+        &format!("#!/bin/sh\ntouch {}\nsleep 1\nexit 0\n", marker.display()),
+    );
+    let mut walden = setup.start(Some(&child.display().to_string()));
+    let mut buf = [0u8; 256];
+    let n = socket
+        .recv(&mut buf)
+        .expect("no READY=1 on the notify socket");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.contains("READY=1"), "first notification: {first:?}");
+    assert!(
+        eventually(REPORT_TIMEOUT, || marker.exists()),
+        "the child never ran"
+    );
+    let n = socket
+        .recv(&mut buf)
+        .expect("no STOPPING=1 on the notify socket");
+    let second = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        second.contains("STOPPING=1"),
+        "second notification: {second:?}"
+    );
+    assert_eq!(walden.wait(EXIT_TIMEOUT), 0, "{}", walden.log());
+}
