@@ -13,7 +13,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
 use walden::config::{self, Config, LoadOptions, ReplicaConfig};
+use walden::observe::health::DbReport;
+use walden::observe::{client, server};
 use walden::replica::Replica;
 use walden::replicate::Replicator;
 use walden::restore::{self, RestoreError, RestoreOptions, Startup, rfc3339};
@@ -49,6 +52,9 @@ enum Command {
     /// Print the effective configuration (defaults filled in, secrets redacted), or every
     /// problem in it
     Config(ConfigArgs),
+    /// Show replication health from the running replicator (or, if none runs, the bucket);
+    /// exits 0 only when every replica is healthy
+    Status(ConfigArgs),
     /// Print the version
     Version,
 }
@@ -78,6 +84,12 @@ struct ReplicateArgs {
     /// With -exec, how long the child gets after SIGTERM/SIGINT before SIGKILL (e.g. 30s)
     #[arg(long, value_name = "DURATION", value_parser = parse_go_duration)]
     shutdown_timeout: Option<Duration>,
+    /// Serve /health and /metrics on this address (e.g. :9090), like the config key `addr`
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<String>,
+    /// Log format: text (default) or json, like the config key logging.type
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     /// Database path followed by one or more replica URLs (instead of a config file)
     #[arg(value_name = "DB_PATH REPLICA_URL")]
     args: Vec<String>,
@@ -265,6 +277,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshots(a) => snapshots(a).await,
         Command::Wal(a) => wal(a).await,
         Command::Databases(a) => databases(a),
+        Command::Status(a) => status(a).await,
         Command::Config(a) => show_config(a),
     }
 }
@@ -374,6 +387,12 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     if let Some(t) = args.shutdown_timeout {
         cfg.shutdown_timeout = t;
     }
+    if args.addr.is_some() {
+        cfg.addr = args.addr.clone();
+    }
+    if let Some(format) = &args.log_format {
+        cfg.logging.json = format == "json";
+    }
     let exec = args.exec.clone().or(cfg.exec.clone());
     let command = exec.as_deref().map(ChildCommand::parse).transpose()?;
     init_logging(
@@ -393,11 +412,12 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
         Some(command) => supervise_child(&cfg, command, !args.no_restore).await?,
         None => {
             check_replicas(&cfg).await?;
-            let replicator = start_replicator(&cfg)?;
+            let (replicator, server) = start_replicator(&cfg).await?;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             let signal = wait_for_shutdown_signal().await;
             tracing::info!(signal, "signal received, shutting down");
             let synced = final_sync(replicator, &cfg, None).await;
+            server.cancel();
             Outcome::Stopped { synced }
         }
     };
@@ -405,11 +425,26 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(supervise::exit_code(&outcome)))
 }
 
-fn start_replicator(cfg: &Config) -> Result<Replicator> {
+/// Starts replication and the health endpoints (`addr`, and a status socket per database).
+async fn start_replicator(cfg: &Config) -> Result<(Replicator, CancellationToken)> {
     for db in &cfg.dbs {
         tracing::info!(path = %db.path.display(), replicas = db.replicas.len(), "initialized db");
     }
-    Ok(Replicator::start(cfg)?)
+    let replicator = Replicator::start(cfg)?;
+    let stop = CancellationToken::new();
+    let sockets: Vec<PathBuf> = cfg
+        .dbs
+        .iter()
+        .map(|d| server::socket_path(&d.meta_path))
+        .collect();
+    server::serve(
+        cfg.addr.as_deref(),
+        &sockets,
+        replicator.views(),
+        stop.clone(),
+    )
+    .await?;
+    Ok((replicator, stop))
 }
 
 /// The final sync, bounded by a timeout and, with `-exec`, abandoned when a second SIGINT or
@@ -459,7 +494,7 @@ async fn supervise_child(cfg: &Config, command: ChildCommand, restore: bool) -> 
         }
     }
     check_replicas(cfg).await?;
-    let replicator = start_replicator(cfg)?;
+    let (replicator, server) = start_replicator(cfg).await?;
     for e in replicator.sync_all().await {
         tracing::warn!(error = %e, "initial sync incomplete; the child starts anyway and replication keeps retrying");
     }
@@ -468,6 +503,7 @@ async fn supervise_child(cfg: &Config, command: ChildCommand, restore: bool) -> 
         Err((exit, e)) => {
             tracing::error!(error = %e, "cannot start child");
             let synced = final_sync(replicator, cfg, None).await;
+            server.cancel();
             return Ok(Outcome::Child { exit, synced });
         }
     };
@@ -477,6 +513,7 @@ async fn supervise_child(cfg: &Config, command: ChildCommand, restore: bool) -> 
     tracing::info!(?exit, "child exited, running final sync");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let synced = final_sync(replicator, cfg, Some(&mut events)).await;
+    server.cancel();
     supervise::reap_orphans();
     Ok(Outcome::Child { exit, synced })
 }
@@ -803,4 +840,131 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+}
+
+/// The running replicator's report for one database: its status socket first, then `addr`.
+async fn running_report(db: &walden::config::DbConfig, cfg: &Config) -> Option<DbReport> {
+    let report = match client::health_from_socket(&server::socket_path(&db.meta_path)).await {
+        Ok(r) => Some(r),
+        Err(_) => match &cfg.addr {
+            Some(addr) => client::health_from_addr(addr).await.ok(),
+            None => None,
+        },
+    }?;
+    let want = db.path.display().to_string();
+    report.databases.into_iter().find(|d| d.path == want)
+}
+
+async fn status(args: ConfigArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let cfg = load_config(&args)?;
+    let mut rows = Vec::new();
+    let mut all_healthy = true;
+    for db in &cfg.dbs {
+        let path = db.path.display().to_string();
+        if let Some(report) = running_report(db, &cfg).await {
+            all_healthy &= report.healthy;
+            if let Some(e) = &report.health_error {
+                rows.push(vec![
+                    path.clone(),
+                    "-".into(),
+                    "unhealthy".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    e.clone(),
+                ]);
+            }
+            for r in &report.replicas {
+                rows.push(vec![
+                    path.clone(),
+                    r.name.clone(),
+                    if r.healthy { "healthy" } else { "unhealthy" }.into(),
+                    r.last_synced_at.clone().unwrap_or_else(|| "-".into()),
+                    format!("{:.1}s", r.lag_seconds),
+                    r.pending_bytes.to_string(),
+                    r.generation.clone().unwrap_or_else(|| "-".into()),
+                    match (r.index, r.offset) {
+                        (Some(i), Some(o)) => format!("{i:08x}/{o:08x}"),
+                        _ => "-".into(),
+                    },
+                    r.health_error.clone().unwrap_or_default(),
+                ]);
+            }
+            continue;
+        }
+        all_healthy = false;
+        for rc in &db.replicas {
+            let row = match bucket_summary(rc).await {
+                Ok((generation, last, position)) => vec![
+                    path.clone(),
+                    rc.name.clone(),
+                    "not running".into(),
+                    last,
+                    "-".into(),
+                    "-".into(),
+                    generation,
+                    position,
+                    "no replicator is running for this database".into(),
+                ],
+                Err(e) => vec![
+                    path.clone(),
+                    rc.name.clone(),
+                    "not running".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    one_line(&e),
+                ],
+            };
+            rows.push(row);
+        }
+    }
+    print_table(
+        &[
+            "database",
+            "replica",
+            "status",
+            "last_synced_at",
+            "lag",
+            "pending",
+            "generation",
+            "position",
+            "error",
+        ],
+        &rows,
+    )?;
+    Ok(if all_healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What the bucket says when no replicator runs: the latest generation, the time of its last
+/// object and its last position.
+async fn bucket_summary(rc: &ReplicaConfig) -> Result<(String, String, String)> {
+    let replica = Replica::open(rc, RetryPolicy::probe())?;
+    let mut latest: Option<(walden::replica::GenerationInfo, SystemTime)> = None;
+    for g in replica.generations().await? {
+        let info = replica.generation_info(&g).await?;
+        if let Some((_, end)) = info.bounds()
+            && latest.as_ref().is_none_or(|(_, t)| end > *t)
+        {
+            latest = Some((info, end));
+        }
+    }
+    let Some((info, end)) = latest else {
+        return Ok(("-".into(), "-".into(), "no backup".into()));
+    };
+    let position = match (info.snapshots.last(), info.segments.last()) {
+        (_, Some(seg)) => format!("{:08x}/{:08x}", seg.pos.index, seg.pos.offset),
+        (Some(snap), None) => format!("{:08x}/00000000", snap.index),
+        (None, None) => "-".into(),
+    };
+    Ok((info.generation, rfc3339(end), position))
 }

@@ -97,6 +97,11 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// Default of `health-lag`: three missed uploads plus room for one slow one.
+pub fn default_health_lag(sync_interval: Duration) -> Duration {
+    sync_interval * 3 + Duration::from_secs(10)
+}
+
 /// Default of `shutdown-timeout`: long enough for an application to drain requests, short
 /// enough to stay under systemd's default stop timeout of 90 s with the final sync.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,6 +147,8 @@ pub struct ReplicaConfig {
     pub snapshot_interval: Option<Duration>,
     pub retention: Option<Duration>,
     pub retention_check_interval: Duration,
+    /// Committed data waiting longer than this for upload makes the replica unhealthy.
+    pub health_lag: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +283,7 @@ struct RawReplica {
     snapshot_interval: Option<GoDuration>,
     retention: Option<GoDuration>,
     retention_check_interval: Option<GoDuration>,
+    health_lag: Option<GoDuration>,
 }
 
 /// A part of the file that has its own set of keys.
@@ -1129,6 +1137,9 @@ fn resolve_replica(
         snapshot_interval,
         retention,
         retention_check_interval,
+        health_lag: r
+            .health_lag
+            .map_or(default_health_lag(sync_interval), |d| d.0),
     })
 }
 
@@ -1818,6 +1829,7 @@ struct ReplicaView {
     snapshot_interval: String,
     retention: String,
     retention_check_interval: String,
+    health_lag: String,
 }
 
 #[derive(Serialize)]
@@ -1859,6 +1871,7 @@ impl ReplicaView {
             snapshot_interval: format_duration(r.snapshot_interval.unwrap_or_default()),
             retention: format_duration(r.retention.unwrap_or_default()),
             retention_check_interval: format_duration(r.retention_check_interval),
+            health_lag: format_duration(r.health_lag),
         }
     }
 }

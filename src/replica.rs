@@ -10,9 +10,12 @@ use std::time::SystemTime;
 
 use crate::config::{ReplicaConfig, Target};
 use crate::format::{self, Pos};
+use crate::observe::metrics::StoreMetrics;
 use crate::storage::file::FileStore;
 use crate::storage::s3::S3Store;
-use crate::storage::{Body, ObjectStore, RetryPolicy, Retrying, StorageError};
+use crate::storage::{
+    Body, ObjectStore, OpRecorder, Recorded, RetryPolicy, Retrying, StorageError,
+};
 
 /// A snapshot object as listed.
 #[derive(Debug, Clone)]
@@ -68,9 +71,16 @@ impl Replica {
     /// Opens the store a replica config points at, retrying transient errors per `policy`
     /// (permanent ones return at once).
     pub fn open(cfg: &ReplicaConfig, policy: RetryPolicy) -> Result<Replica, StorageError> {
+        let recorder: Arc<dyn OpRecorder> = Arc::new(StoreMetrics);
         let store: Arc<dyn ObjectStore> = match &cfg.target {
-            Target::File { dir } => Arc::new(Retrying::new(FileStore::new(dir.clone()), policy)),
-            Target::S3(s3) => Arc::new(Retrying::new(S3Store::new(s3.clone())?, policy)),
+            Target::File { dir } => Arc::new(Retrying::new(
+                Recorded::new(FileStore::new(dir.clone()), recorder),
+                policy,
+            )),
+            Target::S3(s3) => Arc::new(Retrying::new(
+                Recorded::new(S3Store::new(s3.clone())?, recorder),
+                policy,
+            )),
         };
         Ok(Replica::with_store(cfg.name.clone(), store))
     }

@@ -103,7 +103,7 @@ pub struct SyncReport {
     pub new_generation: Option<String>,
     pub reason: Option<&'static str>,
     pub bytes_copied: u64,
-    pub checkpoint: Option<(CheckpointMode, Result<(), String>)>,
+    pub checkpoint: Option<(CheckpointMode, Result<(), String>, std::time::Duration)>,
 }
 
 struct Shadow {
@@ -416,8 +416,9 @@ impl Db {
         let orig_wal = wal::align(self.wal_size(), self.page_size);
         report.bytes_copied = self.copy(&mut report)?;
         if let Some(mode) = self.checkpoint_due(orig_wal) {
+            let started = std::time::Instant::now();
             let result = self.checkpoint(mode).map_err(|e| e.to_string());
-            report.checkpoint = Some((mode, result));
+            report.checkpoint = Some((mode, result, started.elapsed()));
         }
         Ok(report)
     }

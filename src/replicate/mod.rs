@@ -18,10 +18,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DbConfig, ReplicaConfig};
 use crate::format::{self, Pos};
+use crate::observe::metrics::metrics;
 use crate::replica::Replica;
 use crate::storage::{Body, RetryPolicy, StorageError};
 use crate::wal;
 use db::{Db, DbError, LocalSnapshot, Position};
+
+impl ReplicateError {
+    /// A short, stable name for the `walden_errors_total` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplicateError::Db(_) => "database",
+            ReplicateError::Storage { source, .. } => source.kind(),
+            ReplicateError::Corrupt { .. } => "corrupt_object",
+            ReplicateError::Internal(_) => "internal",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
@@ -59,10 +72,46 @@ pub struct DbStatus {
 /// What operators and health checks see of one replica.
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaHealth {
-    /// When the store last confirmed an upload (or confirmed there was nothing to send).
+    /// When the store last confirmed an upload; never set by a sync that sent nothing.
     pub last_synced_at: Option<SystemTime>,
+    /// When a sync last completed, whether or not it had anything to send.
+    pub last_ok_at: Option<SystemTime>,
     pub last_error: Option<(SystemTime, String)>,
     pub position: Option<(String, Pos)>,
+    /// Since when committed data has been waiting for upload; `None` when caught up.
+    pub pending_since: Option<SystemTime>,
+    pub pending_bytes: u64,
+    /// Pending data older than this makes the replica unhealthy.
+    pub health_lag: Duration,
+}
+
+impl ReplicaHealth {
+    /// The one rule for "healthy": the last sync did not fail after the last success, and no
+    /// committed data has waited longer than `health_lag`. Returns the reason when unhealthy.
+    pub fn verdict(&self, now: SystemTime) -> Result<(), String> {
+        if let Some((at, error)) = &self.last_error
+            && self.last_ok_at.is_none_or(|ok| *at >= ok)
+        {
+            return Err(error.clone());
+        }
+        if let Some(lag) = self.lag(now)
+            && lag > self.health_lag
+        {
+            return Err(format!(
+                "{} bytes committed {:.0}s ago are not uploaded yet (health-lag {})",
+                self.pending_bytes,
+                lag.as_secs_f64(),
+                crate::config::format_duration(self.health_lag)
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long the oldest data not yet uploaded has waited.
+    pub fn lag(&self, now: SystemTime) -> Option<Duration> {
+        self.pending_since
+            .map(|since| now.duration_since(since).unwrap_or_default())
+    }
 }
 
 enum DbCommand {
@@ -95,7 +144,31 @@ pub struct Replicator {
     shutdown: CancellationToken,
 }
 
+/// What the health report reads of one database: cheap clones of the task's published state.
+#[derive(Clone)]
+pub struct DbView {
+    pub path: std::path::PathBuf,
+    pub status: watch::Receiver<DbStatus>,
+    pub replicas: Vec<(String, Arc<Mutex<ReplicaHealth>>)>,
+}
+
 impl Replicator {
+    /// Views of every database for health reports, which outlive no task they read from.
+    pub fn views(&self) -> Vec<DbView> {
+        self.dbs
+            .iter()
+            .map(|d| DbView {
+                path: d.path.clone(),
+                status: d.status.clone(),
+                replicas: d
+                    .replicas
+                    .iter()
+                    .map(|r| (r.name.clone(), r.health.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// Opens the stores and starts every task. Databases that do not exist yet are picked up
     /// on the first tick where they do.
     pub fn start(config: &Config) -> Result<Replicator, ReplicateError> {
@@ -175,7 +248,10 @@ fn start_db(cfg: &DbConfig, shutdown: CancellationToken) -> Result<DbHandle, Rep
         })?;
         tracing::info!(db = %cfg.path.display(), name = %rc.name, target = %replica.describe(),
             sync_interval = %crate::config::format_duration(rc.sync_interval), "replicating to");
-        let health = Arc::new(Mutex::new(ReplicaHealth::default()));
+        let health = Arc::new(Mutex::new(ReplicaHealth {
+            health_lag: rc.health_lag,
+            ..ReplicaHealth::default()
+        }));
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let task = Uploader {
             idx: i,
@@ -237,6 +313,7 @@ async fn run_db(
     shutdown: CancellationToken,
 ) {
     let path = db.path().to_path_buf();
+    let label = path.display().to_string();
     let replica_count = db.config().replicas.len();
     let db = Arc::new(Mutex::new(db));
     let mut ticker = tokio::time::interval(if interval.is_zero() {
@@ -269,15 +346,39 @@ async fn run_db(
                 Some(DbCommand::Sync(tx)) => reply = Some(tx),
             },
         }
+        let started = std::time::Instant::now();
         let result = blocking(&db, |db| {
             let report = db.sync()?;
             Ok::<_, DbError>((report, db.position(), db.page_size(), db.wal_size()))
         })
         .await;
+        let m = metrics();
+        m.sync_count.with_label_values(&[&label]).inc();
+        m.sync_seconds
+            .with_label_values(&[&label])
+            .inc_by(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok((report, position, page_size, wal_size)) => {
-                if let Some((mode, Err(e))) = &report.checkpoint {
-                    tracing::info!(db = %path.display(), mode = mode.as_str(), error = %e, "checkpoint failed");
+                m.wal_size.with_label_values(&[&label]).set(wal_size as i64);
+                m.db_size
+                    .with_label_values(&[&label])
+                    .set(std::fs::metadata(&path).map_or(0, |f| f.len() as i64));
+                m.total_wal_bytes
+                    .with_label_values(&[&label])
+                    .inc_by(report.bytes_copied);
+                if let Some(p) = &position {
+                    m.shadow_wal_index
+                        .with_label_values(&[&label])
+                        .set(i64::from(p.pos.index));
+                    m.shadow_wal_size
+                        .with_label_values(&[&label])
+                        .set(p.pos.offset as i64);
+                }
+                if let Some((mode, result, elapsed)) = &report.checkpoint {
+                    m.record_checkpoint(&label, mode.as_str(), *elapsed, result.is_ok());
+                    if let Err(e) = result {
+                        tracing::info!(db = %path.display(), mode = mode.as_str(), error = %e, "checkpoint failed");
+                    }
                 }
                 if report.new_generation.is_some() {
                     snapshot_wanted = true;
@@ -296,6 +397,8 @@ async fn run_db(
                 Ok(())
             }
             Err(e) => {
+                m.sync_error_count.with_label_values(&[&label]).inc();
+                m.errors.with_label_values(&[&label, "", "database"]).inc();
                 let msg = e.to_string();
                 if last_logged_error.as_deref() != Some(&msg) {
                     tracing::error!(db = %path.display(), error = %msg, "sync failed");
@@ -398,8 +501,10 @@ impl Uploader {
                 },
             }
             let result = self.sync().await;
+            self.note_pending();
             match &result {
                 Ok(()) => {
+                    self.health.lock().expect("health lock").last_ok_at = Some(SystemTime::now());
                     if failures > 0 {
                         tracing::info!(db = %self.db_path.display(), replica = %self.cfg.name, "replica recovered");
                     }
@@ -413,8 +518,13 @@ impl Uploader {
                     }
                     self.health.lock().expect("health lock").last_error =
                         Some((SystemTime::now(), e.to_string()));
+                    metrics()
+                        .errors
+                        .with_label_values(&[&self.label(), &self.cfg.name, e.kind()])
+                        .inc();
                 }
             }
+            self.export_health();
             if let Some(tx) = reply {
                 let _ = tx.send(result.map_err(|e| e.to_string()));
             }
@@ -434,11 +544,71 @@ impl Uploader {
         }
     }
 
+    fn label(&self) -> String {
+        self.db_path.display().to_string()
+    }
+
+    /// Records how much committed data waits for upload and since when.
+    fn note_pending(&self) {
+        let status = self.status.borrow();
+        let bytes = match (&status.position, &self.pos) {
+            (None, _) => 0,
+            (Some(current), Some((generation, pos))) if *generation == current.generation => {
+                pending_between(&self.meta_path, current, *pos, status.page_size)
+            }
+            (Some(current), _) => current.pos.offset,
+        };
+        let mut h = self.health.lock().expect("health lock");
+        h.pending_bytes = bytes;
+        if bytes == 0 {
+            h.pending_since = None;
+        } else if h.pending_since.is_none() {
+            h.pending_since = Some(SystemTime::now());
+        }
+    }
+
+    /// Mirrors the health state into the Prometheus gauges.
+    fn export_health(&self) {
+        let h = self.health.lock().expect("health lock").clone();
+        let now = SystemTime::now();
+        let labels = [self.label(), self.cfg.name.clone()];
+        let labels = [labels[0].as_str(), labels[1].as_str()];
+        let m = metrics();
+        m.replica_pending_bytes
+            .with_label_values(&labels)
+            .set(h.pending_bytes as i64);
+        m.replica_lag
+            .with_label_values(&labels)
+            .set(h.lag(now).unwrap_or_default().as_secs_f64());
+        m.replica_healthy
+            .with_label_values(&labels)
+            .set(i64::from(h.verdict(now).is_ok()));
+        if let Some(t) = h.last_synced_at {
+            m.replica_last_sync
+                .with_label_values(&labels)
+                .set(crate::observe::metrics::unix_seconds(t));
+        }
+    }
+
+    /// Called once the store confirmed an upload.
+    fn confirmed(&self) {
+        self.health.lock().expect("health lock").last_synced_at = Some(SystemTime::now());
+    }
+
     fn set_pos(&mut self, generation: &str, pos: Pos) {
         self.pos = Some((generation.to_string(), pos));
         self.positions.lock().expect("positions lock")[self.idx] =
             Some((generation.to_string(), pos));
         self.health.lock().expect("health lock").position = Some((generation.to_string(), pos));
+        let m = metrics();
+        let labels = [self.label(), self.cfg.name.clone()];
+        let labels = [labels[0].as_str(), labels[1].as_str()];
+        m.replica_wal_index
+            .with_label_values(&labels)
+            .set(i64::from(pos.index));
+        m.replica_wal_offset
+            .with_label_values(&labels)
+            .set(pos.offset as i64);
     }
 
     fn request_snapshot(&mut self) {
@@ -474,7 +644,6 @@ impl Uploader {
             self.request_snapshot();
         }
         self.upload_segments(&current, status.page_size).await?;
-        self.health.lock().expect("health lock").last_synced_at = Some(SystemTime::now());
         Ok(())
     }
 
@@ -614,6 +783,7 @@ impl Uploader {
             .put_snapshot(&snap.generation, snap.index, Body::File(snap.path.clone()))
             .await
             .map_err(|e| self.storage_err(e))?;
+        self.confirmed();
         tracing::info!(db = %self.db_path.display(), replica = %self.cfg.name,
             generation = %snap.generation, index = snap.index, size = snap.size,
             elapsed_ms = started.elapsed().as_millis() as u64, "snapshot uploaded");
@@ -680,6 +850,11 @@ impl Uploader {
                 .put_segment(&generation, pos, Body::Bytes(compressed.into()))
                 .await
                 .map_err(|e| self.storage_err(e))?;
+            self.confirmed();
+            metrics()
+                .replica_wal_bytes
+                .with_label_values(&[&self.label(), &self.cfg.name])
+                .inc_by(chunk_end - pos.offset);
             tracing::debug!(replica = %self.cfg.name, generation = %generation,
                 index = pos.index, offset = pos.offset, raw = chunk_end - pos.offset, size, "wal segment uploaded");
             self.set_pos(
@@ -755,4 +930,27 @@ impl Uploader {
         tracing::info!(replica = %self.cfg.name, deleted, "retention enforced");
         Ok(())
     }
+}
+
+/// Committed bytes between a replica's position and the database's, counting whole shadow
+/// files for the indexes in between.
+fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos, page_size: u32) -> u64 {
+    if pos >= current.pos {
+        return 0;
+    }
+    if pos.index == current.pos.index {
+        return current.pos.offset - pos.offset;
+    }
+    let mut total = current.pos.offset;
+    for index in pos.index..current.pos.index {
+        let len = std::fs::metadata(db::shadow_file(meta, &current.generation, index))
+            .map_or(0, |m| m.len());
+        let size = wal::align(len, page_size);
+        total += if index == pos.index {
+            size.saturating_sub(pos.offset)
+        } else {
+            size
+        };
+    }
+    total
 }

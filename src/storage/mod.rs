@@ -12,6 +12,7 @@
 //! Invariant: no error message, `Debug` or `Display` output here contains a credential.
 
 pub mod file;
+mod recorded;
 mod retry;
 pub mod s3;
 
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+pub use recorded::{OpRecorder, Recorded};
 pub use retry::{RetryPolicy, Retrying};
 
 /// One object found by [`ObjectStore::list`].
@@ -106,6 +108,22 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// A short, stable name for metrics and health: what kind of trouble this is.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageError::NotFound { .. } => "not_found",
+            StorageError::Unauthorized { .. } => "unauthorized",
+            StorageError::NoSuchBucket { .. } => "no_such_bucket",
+            StorageError::Unreachable { .. } => "unreachable",
+            StorageError::Timeout { .. } => "timeout",
+            StorageError::Server { .. } => "server",
+            StorageError::Io { .. } => "io",
+            StorageError::Config { .. } => "config",
+            StorageError::InvalidKey { .. } => "invalid_key",
+            StorageError::Protocol { .. } => "protocol",
+        }
+    }
+
     /// True when repeating the same request cannot succeed, so the retry loop gives up at once.
     pub fn is_permanent(&self) -> bool {
         match self {

@@ -1,7 +1,14 @@
-//! Observability: how Walden tells operators what it is doing.
+//! Observability: how Walden tells operators what it is doing and whether it is working.
 //!
 //! Logging is set up once, here, so every command logs the same way: readable lines by
-//! default, JSON on request, the level from `RUST_LOG` or the config.
+//! default, JSON on request, the level from `RUST_LOG` or the config. [`metrics`] holds the
+//! Prometheus metrics, [`health`] turns the engine's state into a verdict an operator can
+//! trust, and [`server`] serves both over HTTP and a unix socket.
+
+pub mod client;
+pub mod health;
+pub mod metrics;
+pub mod server;
 
 use tracing_subscriber::EnvFilter;
 
