@@ -783,65 +783,6 @@ fn databases(args: ConfigArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn n(args: &[&str]) -> Vec<String> {
-        normalize_args(args.iter().map(|s| s.to_string()).collect())
-    }
-
-    #[test]
-    fn single_dash_long_flags_are_rewritten() {
-        assert_eq!(
-            n(&[
-                "walden",
-                "restore",
-                "-config",
-                "x.yml",
-                "-o",
-                "out",
-                "-if-db-not-exists",
-                "db"
-            ]),
-            [
-                "walden",
-                "restore",
-                "--config",
-                "x.yml",
-                "-o",
-                "out",
-                "--if-db-not-exists",
-                "db"
-            ]
-        );
-        assert_eq!(
-            n(&[
-                "walden",
-                "restore",
-                "-generation=abc",
-                "-replica",
-                "-config",
-                "db"
-            ]),
-            [
-                "walden",
-                "restore",
-                "--generation=abc",
-                "--replica",
-                "-config",
-                "db"
-            ]
-        );
-        assert_eq!(n(&["walden", "-unknown"]), ["walden", "-unknown"]);
-    }
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
-}
-
 /// The running replicator's report for one database: its status socket first, then `addr`.
 async fn running_report(db: &walden::config::DbConfig, cfg: &Config) -> Option<DbReport> {
     let report = match client::health_from_socket(&server::socket_path(&db.meta_path)).await {
@@ -967,4 +908,63 @@ async fn bucket_summary(rc: &ReplicaConfig) -> Result<(String, String, String)> 
         (None, None) => "-".into(),
     };
     Ok((info.generation, rfc3339(end), position))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn single_dash_long_flags_are_rewritten() {
+        assert_eq!(
+            n(&[
+                "walden",
+                "restore",
+                "-config",
+                "x.yml",
+                "-o",
+                "out",
+                "-if-db-not-exists",
+                "db"
+            ]),
+            [
+                "walden",
+                "restore",
+                "--config",
+                "x.yml",
+                "-o",
+                "out",
+                "--if-db-not-exists",
+                "db"
+            ]
+        );
+        assert_eq!(
+            n(&[
+                "walden",
+                "restore",
+                "-generation=abc",
+                "-replica",
+                "-config",
+                "db"
+            ]),
+            [
+                "walden",
+                "restore",
+                "--generation=abc",
+                "--replica",
+                "-config",
+                "db"
+            ]
+        );
+        assert_eq!(n(&["walden", "-unknown"]), ["walden", "-unknown"]);
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -255,10 +255,8 @@ fn retention_deletes_old_objects_but_keeps_the_window_restorable() {
         let at = |when: SystemTime| {
             history
                 .iter()
-                .filter(|(w, _)| *w <= when)
-                .map(|(_, c)| *c)
-                .last()
-                .unwrap_or(0)
+                .rfind(|(w, _)| *w <= when)
+                .map_or(0, |(_, c)| *c)
         };
         let got = count(&out);
         let (low, high) = (at(t - Duration::from_secs(1)), at(t));

@@ -349,10 +349,10 @@ fn zombie_children(parent: Pid) -> Vec<i32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Some(('Z', ppid)) = proc_stat(pid) {
-            if ppid == parent.as_raw() {
-                zombies.push(pid);
-            }
+        if let Some(('Z', ppid)) = proc_stat(pid)
+            && ppid == parent.as_raw()
+        {
+            zombies.push(pid);
         }
     }
     zombies
