@@ -55,8 +55,20 @@ enum Command {
     /// Show replication health from the running replicator (or, if none runs, the bucket);
     /// exits 0 only when every replica is healthy
     Status(ConfigArgs),
+    /// Restore drill: restore each replica into a scratch directory, check its integrity and
+    /// compare its content with the live database at the same position; exits 0 when all match
+    Verify(VerifyArgs),
     /// Print the version
     Version,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Database path from the config
+    #[arg(value_name = "DB_PATH")]
+    target: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -278,6 +290,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Wal(a) => wal(a).await,
         Command::Databases(a) => databases(a),
         Command::Status(a) => status(a).await,
+        Command::Verify(a) => verify_cmd(a).await,
         Command::Config(a) => show_config(a),
     }
 }
@@ -604,6 +617,7 @@ async fn restore_cmd(args: RestoreArgs) -> Result<ExitCode> {
         generation: args.generation,
         index: args.index,
         timestamp: args.timestamp,
+        until: None,
         parallelism: args.parallelism,
     };
     let plan = match restore::plan(&replicas, &opts).await {
@@ -785,10 +799,11 @@ fn databases(args: ConfigArgs) -> Result<ExitCode> {
 
 /// The running replicator's report for one database: its status socket first, then `addr`.
 async fn running_report(db: &walden::config::DbConfig, cfg: &Config) -> Option<DbReport> {
-    let report = match client::health_from_socket(&server::socket_path(&db.meta_path)).await {
+    let socket = server::socket_path(&db.meta_path);
+    let report = match client::health(&client::Endpoint::Socket(&socket)).await {
         Ok(r) => Some(r),
         Err(_) => match &cfg.addr {
-            Some(addr) => client::health_from_addr(addr).await.ok(),
+            Some(addr) => client::health(&client::Endpoint::Addr(addr)).await.ok(),
             None => None,
         },
     }?;
@@ -908,6 +923,86 @@ async fn bucket_summary(rc: &ReplicaConfig) -> Result<(String, String, String)> 
         (None, None) => "-".into(),
     };
     Ok((info.generation, rfc3339(end), position))
+}
+
+async fn verify_cmd(args: VerifyArgs) -> Result<ExitCode> {
+    init_logging(false, None, false);
+    let cfg = load_config(&args.config)?;
+    let db = cfg.db(&args.target).ok_or_else(|| {
+        anyhow!(
+            "database not found in config {}: {}",
+            cfg.source.as_deref().unwrap_or(Path::new("?")).display(),
+            args.target.display()
+        )
+    })?;
+    let path = db.path.display().to_string();
+    let socket = server::socket_path(&db.meta_path);
+    let mut endpoints = vec![client::Endpoint::Socket(&socket)];
+    if let Some(addr) = &cfg.addr {
+        endpoints.push(client::Endpoint::Addr(addr));
+    }
+    let mut running = None;
+    for endpoint in &endpoints {
+        match client::verify(endpoint, &path).await {
+            Ok(v) => {
+                running = Some(v);
+                break;
+            }
+            Err(client::ClientError::Connect(_)) => continue,
+            Err(e) => bail!("the running replicator did not answer the drill: {e}"),
+        }
+    }
+    let verdicts = match running {
+        Some(v) => v,
+        None => verify_standalone(db).await?,
+    };
+    let rows: Vec<Vec<String>> = verdicts
+        .iter()
+        .map(|v| {
+            vec![
+                v.replica.clone(),
+                v.generation.clone().unwrap_or_else(|| "-".into()),
+                match (v.index, v.offset) {
+                    (Some(i), Some(o)) => format!("{i:08x}/{o:08x}"),
+                    _ => "-".into(),
+                },
+                if v.ok { "OK".into() } else { "FAILED".into() },
+                v.detail.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["replica", "generation", "position", "result", "detail"],
+        &rows,
+    )?;
+    Ok(if !verdicts.is_empty() && verdicts.iter().all(|v| v.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The drill when no replicator runs: each replica's latest state against the live file.
+async fn verify_standalone(db: &walden::config::DbConfig) -> Result<Vec<walden::verify::Verdict>> {
+    let live = rusqlite::Connection::open_with_flags(
+        &db.path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", db.path.display()))?;
+    let sum = walden::verify::checksum(&live)
+        .with_context(|| format!("cannot read {}", db.path.display()))?;
+    drop(live);
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let mut verdicts = Vec::new();
+    for rc in &db.replicas {
+        let replica = Replica::open(rc, RetryPolicy::default())?;
+        let mut v = walden::verify::check_replica(&replica, None, None, sum, scratch.path()).await;
+        if !v.ok && v.detail.contains("differs") {
+            v.detail += " (no replicator is running: the live database may hold changes that were never replicated)";
+        }
+        verdicts.push(v);
+    }
+    Ok(verdicts)
 }
 
 #[cfg(test)]

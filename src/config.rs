@@ -136,6 +136,8 @@ pub struct DbConfig {
     /// In `replicate -exec`, restore the database from its replicas first when the file is
     /// missing.
     pub restore_if_db_not_exists: bool,
+    /// Run a restore drill this often while replicating (off when `None`).
+    pub verify_interval: Option<Duration>,
     pub replicas: Vec<ReplicaConfig>,
 }
 
@@ -259,6 +261,7 @@ struct RawDb {
     max_checkpoint_page_count: Option<u32>,
     truncate_wal_bytes: Option<u64>,
     restore_if_db_not_exists: Option<bool>,
+    verify_interval: Option<GoDuration>,
     replicas: Option<Vec<Spanned<RawReplica>>>,
     /// Litestream 0.5's single replica; the same as a one-element `replicas`.
     replica: Option<Spanned<RawReplica>>,
@@ -1067,6 +1070,7 @@ fn resolve_db(
             .unwrap_or(DEFAULT_TRUNCATE_WAL_BYTES)
             .min(DEFAULT_TRUNCATE_WAL_BYTES * 3),
         restore_if_db_not_exists: db.restore_if_db_not_exists.unwrap_or(true),
+        verify_interval: db.verify_interval.map(|d| d.0).filter(|d| !d.is_zero()),
         replicas,
     })
 }
@@ -1680,6 +1684,7 @@ pub fn db_from_args(path: &Path, replicas: Vec<ReplicaConfig>) -> DbConfig {
         max_checkpoint_page_count: DEFAULT_MAX_CHECKPOINT_PAGES,
         truncate_wal_bytes: DEFAULT_TRUNCATE_WAL_BYTES,
         restore_if_db_not_exists: true,
+        verify_interval: None,
         replicas,
     }
 }
@@ -1796,6 +1801,7 @@ struct DbView {
     max_checkpoint_page_count: u32,
     truncate_wal_bytes: u64,
     restore_if_db_not_exists: bool,
+    verify_interval: String,
     replicas: Vec<ReplicaView>,
 }
 
@@ -1811,6 +1817,7 @@ impl DbView {
             max_checkpoint_page_count: db.max_checkpoint_page_count,
             truncate_wal_bytes: db.truncate_wal_bytes,
             restore_if_db_not_exists: db.restore_if_db_not_exists,
+            verify_interval: format_duration(db.verify_interval.unwrap_or_default()),
             replicas: db.replicas.iter().map(ReplicaView::of).collect(),
         }
     }

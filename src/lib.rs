@@ -12,4 +12,5 @@ pub mod replicate;
 pub mod restore;
 pub mod storage;
 pub mod supervise;
+pub mod verify;
 pub mod wal;

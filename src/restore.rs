@@ -96,6 +96,9 @@ pub struct RestoreOptions {
     pub index: Option<u32>,
     /// Restore the state at this time (storage timestamps, as Litestream does).
     pub timestamp: Option<SystemTime>,
+    /// Restore exactly up to this position of the generation (`generation` must be set): the
+    /// state a verification compares against the live database at the same position.
+    pub until: Option<Pos>,
     pub parallelism: usize,
 }
 
@@ -179,6 +182,7 @@ fn plan_generation(replica: usize, info: &GenerationInfo, opts: &RestoreOptions)
         .snapshots
         .iter()
         .filter(|s| opts.index.is_none_or(|i| s.index <= i))
+        .filter(|s| opts.until.is_none_or(|u| s.index <= u.index))
         .filter(|s| opts.timestamp.is_none_or(|t| s.created <= t))
         .max_by_key(|s| (s.index, s.created))?
         .clone();
@@ -192,6 +196,9 @@ fn plan_generation(replica: usize, info: &GenerationInfo, opts: &RestoreOptions)
             break;
         }
         if opts.timestamp.is_some_and(|t| s.created > t) {
+            break;
+        }
+        if opts.until.is_some_and(|u| s.pos >= u) {
             break;
         }
         segments.push(s.clone());
@@ -361,7 +368,13 @@ pub async fn restore(
                 ),
             });
         }
-        file.write_all(&raw).map_err(io_err(&wal_path))?;
+        let raw = match opts.until {
+            Some(u) if u.index == pos.index && pos.offset + raw.len() as u64 > u.offset => {
+                &raw[..(u.offset - pos.offset) as usize]
+            }
+            _ => &raw[..],
+        };
+        file.write_all(raw).map_err(io_err(&wal_path))?;
         *end += raw.len() as u64;
         applied += 1;
     }
@@ -507,6 +520,7 @@ pub async fn restore_if_missing(
         generation: None,
         index: None,
         timestamp: None,
+        until: None,
         parallelism,
     };
     let plan = match plan(replicas, &opts).await {

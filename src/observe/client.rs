@@ -7,6 +7,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use super::health::Report;
+use crate::verify::Verdict;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,7 +19,11 @@ pub enum ClientError {
     Decode(String),
 }
 
-async fn get<S>(stream: S, path: &str) -> Result<(u16, Vec<u8>), ClientError>
+async fn request<S>(
+    stream: S,
+    method: hyper::Method,
+    path: &str,
+) -> Result<(u16, Vec<u8>), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -26,7 +31,9 @@ where
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     tokio::spawn(conn);
-    let request = hyper::Request::get(path)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, "walden")
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -44,28 +51,70 @@ where
     Ok((status, body.to_vec()))
 }
 
-fn decode(body: &[u8]) -> Result<Report, ClientError> {
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
     serde_json::from_slice(body).map_err(|e| ClientError::Decode(e.to_string()))
 }
 
-/// The health report from the replicator listening on `socket`.
-pub async fn health_from_socket(socket: &Path) -> Result<Report, ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(ClientError::Connect)?;
-    let (_, body) = get(stream, "/health").await?;
-    decode(&body)
+/// Where a running replicator answers: its status socket, or `addr` (`:9090` means this
+/// host).
+#[derive(Debug, Clone)]
+pub enum Endpoint<'a> {
+    Socket(&'a Path),
+    Addr(&'a str),
 }
 
-/// The health report from the replicator listening on `addr` (`:9090` means this host).
-pub async fn health_from_addr(addr: &str) -> Result<Report, ClientError> {
-    let target = match addr.strip_prefix(':') {
-        Some(port) => format!("127.0.0.1:{port}"),
-        None => addr.replace("0.0.0.0", "127.0.0.1"),
+async fn call(
+    endpoint: &Endpoint<'_>,
+    method: hyper::Method,
+    path: &str,
+) -> Result<Vec<u8>, ClientError> {
+    let (_, body) = match endpoint {
+        Endpoint::Socket(socket) => {
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(ClientError::Connect)?;
+            request(stream, method, path).await?
+        }
+        Endpoint::Addr(addr) => {
+            let target = match addr.strip_prefix(':') {
+                Some(port) => format!("127.0.0.1:{port}"),
+                None => addr.replace("0.0.0.0", "127.0.0.1"),
+            };
+            let stream = tokio::net::TcpStream::connect(&target)
+                .await
+                .map_err(ClientError::Connect)?;
+            request(stream, method, path).await?
+        }
     };
-    let stream = tokio::net::TcpStream::connect(&target)
-        .await
-        .map_err(ClientError::Connect)?;
-    let (_, body) = get(stream, "/health").await?;
-    decode(&body)
+    Ok(body)
+}
+
+/// The running replicator's health report.
+pub async fn health(endpoint: &Endpoint<'_>) -> Result<Report, ClientError> {
+    decode(&call(endpoint, hyper::Method::GET, "/health").await?)
+}
+
+/// Asks the running replicator for a restore drill of one database.
+pub async fn verify(endpoint: &Endpoint<'_>, db: &str) -> Result<Vec<Verdict>, ClientError> {
+    let query: String = url_encode(db);
+    decode(
+        &call(
+            endpoint,
+            hyper::Method::POST,
+            &format!("/verify?db={query}"),
+        )
+        .await?,
+    )
+}
+
+/// Percent-encodes a query value (paths may hold spaces and `&`).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

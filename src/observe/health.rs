@@ -44,6 +44,9 @@ pub struct ReplicaReport {
     /// Age of the oldest committed data not yet uploaded.
     pub lag_seconds: f64,
     pub pending_bytes: u64,
+    /// RFC 3339; when the last restore drill ran, and whether it passed.
+    pub verified_at: Option<String>,
+    pub verify_ok: Option<bool>,
 }
 
 fn replica_report(name: &str, h: &ReplicaHealth, now: SystemTime) -> ReplicaReport {
@@ -58,6 +61,8 @@ fn replica_report(name: &str, h: &ReplicaHealth, now: SystemTime) -> ReplicaRepo
         offset: h.position.as_ref().map(|(_, p)| p.offset),
         lag_seconds: h.lag(now).unwrap_or_default().as_secs_f64(),
         pending_bytes: h.pending_bytes,
+        verified_at: h.last_verify.as_ref().map(|(t, _)| rfc3339(*t)),
+        verify_ok: h.last_verify.as_ref().map(|(_, r)| r.is_ok()),
     }
 }
 

@@ -38,6 +38,7 @@ fn router(views: Vec<DbView>) -> Router {
     Router::new()
         .route("/health", get(health_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/verify", axum::routing::post(verify_handler))
         .with_state(views)
 }
 
@@ -49,6 +50,32 @@ async fn health_handler(State(views): State<Vec<DbView>>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(report))
+}
+
+#[derive(serde::Deserialize)]
+struct VerifyQuery {
+    /// Only this database; all when absent.
+    db: Option<String>,
+}
+
+/// Runs a restore drill now (`walden verify` asks for one when a replicator runs).
+async fn verify_handler(
+    State(views): State<Vec<DbView>>,
+    axum::extract::Query(q): axum::extract::Query<VerifyQuery>,
+) -> impl IntoResponse {
+    let mut verdicts = Vec::new();
+    for v in views.iter().filter(|v| {
+        q.db.as_ref()
+            .is_none_or(|d| *d == v.path.display().to_string())
+    }) {
+        verdicts.extend(v.verify().await);
+    }
+    let code = if !verdicts.is_empty() && verdicts.iter().all(|v| v.ok) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(verdicts))
 }
 
 async fn metrics_handler() -> impl IntoResponse {

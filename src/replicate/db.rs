@@ -801,6 +801,32 @@ impl Db {
         })
     }
 
+    /// Pins the replicated position and checksums the live database at exactly that position:
+    /// under the write lock every committed frame is copied to the shadow WAL, and a read
+    /// transaction begun on a fresh connection then sees that state and no other while the
+    /// application writes on.
+    pub fn checksum_at_position(&mut self) -> Result<(Position, u64), DbError> {
+        if !self.open()? {
+            return Err(DbError::Busy(format!(
+                "{}: database does not exist yet",
+                self.cfg.path.display()
+            )));
+        }
+        let conn = self.connect()?;
+        let position = self.with_write_lock(|db| {
+            let mut report = SyncReport::default();
+            db.copy(&mut report)?;
+            conn.execute_batch("BEGIN; SELECT COUNT(1) FROM _litestream_seq;")
+                .map_err(db.sqlite_err("begin verification read"))?;
+            Ok(db.position())
+        })?;
+        let position = position.ok_or_else(|| {
+            DbError::Busy(format!("{}: no generation yet", self.cfg.path.display()))
+        })?;
+        let sum = crate::verify::checksum(&conn).map_err(self.sqlite_err("checksum"))?;
+        Ok((position, sum))
+    }
+
     /// Releases SQLite resources; the shadow stays on disk for the next run.
     pub fn close(&mut self) {
         if self.reader.is_some() {

@@ -21,6 +21,7 @@ use crate::format::{self, Pos};
 use crate::observe::metrics::metrics;
 use crate::replica::Replica;
 use crate::storage::{Body, RetryPolicy, StorageError};
+use crate::verify::{self, Verdict};
 use crate::wal;
 use db::{Db, DbError, LocalSnapshot, Position};
 
@@ -83,12 +84,17 @@ pub struct ReplicaHealth {
     pub pending_bytes: u64,
     /// Pending data older than this makes the replica unhealthy.
     pub health_lag: Duration,
+    /// The last restore drill: when, and what it found.
+    pub last_verify: Option<(SystemTime, Result<(), String>)>,
 }
 
 impl ReplicaHealth {
     /// The one rule for "healthy": the last sync did not fail after the last success, and no
     /// committed data has waited longer than `health_lag`. Returns the reason when unhealthy.
     pub fn verdict(&self, now: SystemTime) -> Result<(), String> {
+        if let Some((_, Err(e))) = &self.last_verify {
+            return Err(format!("restore drill failed: {e}"));
+        }
         if let Some((at, error)) = &self.last_error
             && self.last_ok_at.is_none_or(|ok| *at >= ok)
         {
@@ -116,6 +122,7 @@ impl ReplicaHealth {
 
 enum DbCommand {
     Snapshot,
+    Verify(oneshot::Sender<Vec<Verdict>>),
     SnapshotUploaded { replica: usize, index: u32 },
     Sync(oneshot::Sender<Result<(), String>>),
 }
@@ -150,6 +157,18 @@ pub struct DbView {
     pub path: std::path::PathBuf,
     pub status: watch::Receiver<DbStatus>,
     pub replicas: Vec<(String, Arc<Mutex<ReplicaHealth>>)>,
+    commands: mpsc::UnboundedSender<DbCommand>,
+}
+
+impl DbView {
+    /// Runs a restore drill against every replica of this database (see [`crate::verify`]).
+    pub async fn verify(&self) -> Vec<Verdict> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(DbCommand::Verify(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
 }
 
 impl Replicator {
@@ -165,6 +184,7 @@ impl Replicator {
                     .iter()
                     .map(|r| (r.name.clone(), r.health.clone()))
                     .collect(),
+                commands: d.commands.clone(),
             })
             .collect()
     }
@@ -276,6 +296,12 @@ fn start_db(cfg: &DbConfig, shutdown: CancellationToken) -> Result<DbHandle, Rep
             task,
         });
     }
+    let drills = cfg
+        .replicas
+        .iter()
+        .cloned()
+        .zip(replicas.iter().map(|r| r.health.clone()))
+        .collect();
     let db = Db::new(cfg.clone());
     let task = tokio::spawn(run_db(
         db,
@@ -283,6 +309,7 @@ fn start_db(cfg: &DbConfig, shutdown: CancellationToken) -> Result<DbHandle, Rep
         status_tx,
         cmd_rx,
         positions,
+        drills,
         shutdown,
     ));
     Ok(DbHandle {
@@ -310,8 +337,11 @@ async fn run_db(
     status: watch::Sender<DbStatus>,
     mut commands: mpsc::UnboundedReceiver<DbCommand>,
     positions: Positions,
+    drills: Vec<(ReplicaConfig, Arc<Mutex<ReplicaHealth>>)>,
     shutdown: CancellationToken,
 ) {
+    let verify_every = db.config().verify_interval;
+    let meta = db.config().meta_path.clone();
     let path = db.path().to_path_buf();
     let label = path.display().to_string();
     let replica_count = db.config().replicas.len();
@@ -325,13 +355,28 @@ async fn run_db(
     let mut snapshot_wanted = false;
     let mut acks: Vec<bool> = vec![false; replica_count];
     let mut last_logged_error: Option<String> = None;
+    let mut verify_ticker = tokio::time::interval(verify_every.unwrap_or(Duration::MAX / 4));
+    verify_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    verify_ticker.tick().await;
+    let drill = |reply: Option<oneshot::Sender<Vec<Verdict>>>| {
+        let (db, drills, positions) = (db.clone(), drills.clone(), positions.clone());
+        let (label, meta) = (label.clone(), meta.clone());
+        tokio::spawn(async move {
+            let verdicts = run_drill(db, drills, positions, label, meta).await;
+            if let Some(tx) = reply {
+                let _ = tx.send(verdicts);
+            }
+        });
+    };
     loop {
         let mut reply = None;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
+            _ = verify_ticker.tick(), if verify_every.is_some() => { drill(None); continue; }
             cmd = commands.recv() => match cmd {
                 None => break,
+                Some(DbCommand::Verify(tx)) => { drill(Some(tx)); continue; }
                 Some(DbCommand::Snapshot) => { snapshot_wanted = true; continue; }
                 Some(DbCommand::SnapshotUploaded { replica, index }) => {
                     let current = status.borrow().snapshot.as_ref().map(|s| s.index);
@@ -431,6 +476,92 @@ async fn run_db(
         }
     }
     blocking(&db, |db| db.close()).await;
+}
+
+/// A restore drill for every replica at one pinned position: the live checksum at the
+/// position, a wait until the uploads pass it, then a restore of exactly that position.
+async fn run_drill(
+    db: Arc<Mutex<Db>>,
+    drills: Vec<(ReplicaConfig, Arc<Mutex<ReplicaHealth>>)>,
+    positions: Positions,
+    label: String,
+    meta: std::path::PathBuf,
+) -> Vec<Verdict> {
+    let failed = |detail: String| {
+        drills
+            .iter()
+            .map(|(rc, _)| Verdict {
+                replica: rc.name.clone(),
+                generation: None,
+                index: None,
+                offset: None,
+                ok: false,
+                detail: detail.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let (position, sum) = match blocking(&db, |db| db.checksum_at_position()).await {
+        Ok(pinned) => pinned,
+        Err(e) => return failed(format!("cannot read the live database: {e}")),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let caught_up = positions.lock().expect("positions lock").iter().all(
+            |p| matches!(p, Some((g, pos)) if *g == position.generation && *pos >= position.pos),
+        );
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scratch = match tempfile::Builder::new().prefix("verify-").tempdir_in(&meta) {
+        Ok(dir) => dir,
+        Err(e) => return failed(format!("cannot create a scratch directory: {e}")),
+    };
+    let mut verdicts = Vec::new();
+    for (rc, health) in &drills {
+        let verdict = match Replica::open(rc, RetryPolicy::default()) {
+            Ok(replica) => {
+                verify::check_replica(
+                    &replica,
+                    Some(&position.generation),
+                    Some(position.pos),
+                    sum,
+                    scratch.path(),
+                )
+                .await
+            }
+            Err(e) => Verdict {
+                replica: rc.name.clone(),
+                generation: Some(position.generation.clone()),
+                index: None,
+                offset: None,
+                ok: false,
+                detail: e.to_string(),
+            },
+        };
+        let status = if verdict.ok { "ok" } else { "error" };
+        metrics()
+            .replica_validation_total
+            .with_label_values(&[&label, &rc.name, status])
+            .inc();
+        if verdict.ok {
+            tracing::info!(db = %label, replica = %rc.name, generation = %position.generation,
+                index = position.pos.index, offset = position.pos.offset, "restore drill ok");
+        } else {
+            tracing::warn!(db = %label, replica = %rc.name, detail = %verdict.detail, "restore drill failed");
+        }
+        health.lock().expect("health lock").last_verify = Some((
+            SystemTime::now(),
+            if verdict.ok {
+                Ok(())
+            } else {
+                Err(verdict.detail.clone())
+            },
+        ));
+        verdicts.push(verdict);
+    }
+    verdicts
 }
 
 /// Deletes shadow files that every replica has uploaded and no pending snapshot needs.
