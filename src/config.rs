@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
+use crate::format;
 use crate::storage::s3::S3Config;
 
 /// What went wrong while finding, reading or checking a configuration.
@@ -1436,7 +1437,9 @@ fn parse_replica_url(url: &str) -> Result<ParsedUrl, ConfigError> {
                 "expected scheme://, e.g. s3://bucket/path or file:///dir",
             ));
         }
-        return Ok(ParsedUrl::File(absolute(&expand_tilde(&clean_path(url)))));
+        return Ok(ParsedUrl::File(absolute(&expand_tilde(
+            &format::clean_path(url),
+        ))));
     };
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
@@ -1452,7 +1455,7 @@ fn parse_replica_url(url: &str) -> Result<ParsedUrl, ConfigError> {
                     "a file URL needs an absolute path, e.g. file:///var/backups/app",
                 ));
             }
-            Ok(ParsedUrl::File(PathBuf::from(clean_path(rest))))
+            Ok(ParsedUrl::File(PathBuf::from(format::clean_path(rest))))
         }
         "s3" => {
             let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -1460,7 +1463,7 @@ fn parse_replica_url(url: &str) -> Result<ParsedUrl, ConfigError> {
                 return Err(bad("missing bucket name"));
             }
             let mut s3 = detect_provider(host);
-            s3.prefix = clean_path(path).trim_start_matches('/').to_string();
+            s3.prefix = format::clean_path(path).trim_start_matches('/').to_string();
             if s3.prefix == "." {
                 s3.prefix.clear();
             }
@@ -1541,6 +1544,67 @@ fn is_local_endpoint(endpoint: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// A provider whose bucket URLs carry the endpoint and region: `BUCKET.<host>` where the host
+/// is the last `host_labels` labels, ends in `suffix`, has `marker` at a label counted from the
+/// right (for example the `s3` of `s3.REGION.backblazeb2.com`), and names the region.
+struct Provider {
+    suffix: &'static str,
+    host_labels: usize,
+    marker: Option<(usize, &'static str)>,
+    region: ProviderRegion,
+}
+
+enum ProviderRegion {
+    /// The region is this label, counted from the right.
+    Label(usize),
+    Fixed(&'static str),
+}
+
+const PROVIDERS: [Provider; 6] = [
+    // BUCKET.s3.REGION.backblazeb2.com
+    Provider {
+        suffix: "backblazeb2.com",
+        host_labels: 4,
+        marker: Some((4, "s3")),
+        region: ProviderRegion::Label(3),
+    },
+    // BUCKET.s3.filebase.com
+    Provider {
+        suffix: "s3.filebase.com",
+        host_labels: 3,
+        marker: None,
+        region: ProviderRegion::Fixed("us-east-1"),
+    },
+    // BUCKET.REGION.digitaloceanspaces.com
+    Provider {
+        suffix: "digitaloceanspaces.com",
+        host_labels: 3,
+        marker: None,
+        region: ProviderRegion::Label(3),
+    },
+    // BUCKET.s3.REGION.scw.cloud
+    Provider {
+        suffix: "scw.cloud",
+        host_labels: 4,
+        marker: Some((4, "s3")),
+        region: ProviderRegion::Label(3),
+    },
+    // BUCKET.REGION.linodeobjects.com
+    Provider {
+        suffix: "linodeobjects.com",
+        host_labels: 3,
+        marker: None,
+        region: ProviderRegion::Label(3),
+    },
+    // BUCKET.ACCOUNT.r2.cloudflarestorage.com
+    Provider {
+        suffix: "cloudflarestorage.com",
+        host_labels: 4,
+        marker: Some((3, "r2")),
+        region: ProviderRegion::Fixed("auto"),
+    },
+];
+
 /// Recognises `bucket.<provider host>` forms (Litestream's list plus Cloudflare R2), which
 /// carry the endpoint and region in the host name.
 fn detect_provider(host: &str) -> PartialS3 {
@@ -1570,81 +1634,26 @@ fn detect_provider(host: &str) -> PartialS3 {
     let labels: Vec<&str> = name.split('.').collect();
     let n = labels.len();
     let tail = |k: usize| labels[n.saturating_sub(k)..].join(".");
-    if n >= 5 && tail(2) == "backblazeb2.com" && labels[n - 4] == "s3" {
-        let host = tail(4);
-        return found(
-            &labels[..n - 4].join("."),
-            format!("https://{}", with_port(&host)),
-            labels[n - 3],
-        );
-    }
-    if n >= 4 && tail(3) == "s3.filebase.com" {
-        return found(
-            &labels[..n - 3].join("."),
-            format!("https://{}", with_port("s3.filebase.com")),
-            "us-east-1",
-        );
-    }
-    if n >= 4 && tail(2) == "digitaloceanspaces.com" {
-        let host = tail(3);
-        return found(
-            &labels[..n - 3].join("."),
-            format!("https://{}", with_port(&host)),
-            labels[n - 3],
-        );
-    }
-    if n >= 5 && tail(2) == "scw.cloud" && labels[n - 4] == "s3" {
-        let host = tail(4);
-        return found(
-            &labels[..n - 4].join("."),
-            format!("https://{}", with_port(&host)),
-            labels[n - 3],
-        );
-    }
-    if n >= 4 && tail(2) == "linodeobjects.com" {
-        let host = tail(3);
-        return found(
-            &labels[..n - 3].join("."),
-            format!("https://{}", with_port(&host)),
-            labels[n - 3],
-        );
-    }
-    if n >= 5 && tail(2) == "cloudflarestorage.com" && labels[n - 3] == "r2" {
-        let host = tail(4);
-        return found(
-            &labels[..n - 4].join("."),
-            format!("https://{}", with_port(&host)),
-            "auto",
-        );
+    for p in &PROVIDERS {
+        let suffix_labels = p.suffix.split('.').count();
+        if n > p.host_labels
+            && tail(suffix_labels) == p.suffix
+            && p.marker.is_none_or(|(i, m)| labels[n - i] == m)
+        {
+            let region = match p.region {
+                ProviderRegion::Label(i) => labels[n - i],
+                ProviderRegion::Fixed(r) => r,
+            };
+            return found(
+                &labels[..n - p.host_labels].join("."),
+                format!("https://{}", with_port(&tail(p.host_labels))),
+                region,
+            );
+        }
     }
     PartialS3 {
         bucket: host.to_string(),
         ..PartialS3::default()
-    }
-}
-
-/// POSIX `path.Clean` on a slash-separated path, which Litestream uses for URL paths.
-fn clean_path(p: &str) -> String {
-    let absolute = p.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in p.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                if parts.last().is_some_and(|l| *l != "..") {
-                    parts.pop();
-                } else if !absolute {
-                    parts.push("..");
-                }
-            }
-            s => parts.push(s),
-        }
-    }
-    let joined = parts.join("/");
-    match (absolute, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".into(),
-        (false, false) => joined,
     }
 }
 

@@ -172,9 +172,16 @@ pub fn join_key(parts: &[&str]) -> String {
     if joined.is_empty() {
         return joined;
     }
-    let rooted = joined.starts_with('/');
+    clean_path(&joined)
+}
+
+/// Go's `path.Clean` on a slash-separated path: `//` collapsed, `.` dropped, `..` resolved,
+/// trailing `/` stripped, `"."` for an empty result. Litestream cleans keys and URL paths this
+/// way, so Walden must too to land on the same keys.
+pub fn clean_path(path: &str) -> String {
+    let rooted = path.starts_with('/');
     let mut elements: Vec<&str> = Vec::new();
-    for element in joined.split('/') {
+    for element in path.split('/') {
         match element {
             "" | "." => {}
             ".." => match elements.last() {
