@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use rusqlite::Connection;
 use serde_json::Value;
-use support::{ChildGuard, S3Server, dump, integrity_check, test_env, walden_bin};
+use support::{ChildGuard, S3Server, dump, integrity_check, shared_s3, test_env, walden_bin};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -739,4 +739,140 @@ fn an_outage_turns_health_red_with_its_cause_and_green_again_without_losing_a_ro
         dump(&db),
         "restored copy differs from the source"
     );
+}
+
+/// Litestream's metric names, which dashboards built for Litestream query.
+const LITESTREAM_METRICS: &[&str] = &[
+    "litestream_db_size",
+    "litestream_wal_size",
+    "litestream_total_wal_bytes",
+    "litestream_shadow_wal_index",
+    "litestream_shadow_wal_size",
+    "litestream_sync_count",
+    // BUG (walden): Litestream 0.3.13 exports this at 0 from start-up (checked against the
+    // reference binary with a file replica: `litestream_sync_error_count{db="..."} 0`), so
+    // dashboards show 0 rather than no data and `increase()` alerts see the first error; Walden
+    // creates the series only on the first sync error (src/replicate/mod.rs, run_db), so a
+    // healthy replicator does not export it and this test fails until that is fixed.
+    "litestream_sync_error_count",
+    "litestream_sync_seconds",
+    "litestream_checkpoint_count",
+    "litestream_replica_wal_bytes",
+    "litestream_replica_wal_index",
+    "litestream_replica_wal_offset",
+    "litestream_replica_operation_total",
+    "litestream_replica_operation_bytes",
+];
+
+/// Walden's own: last success, lag and pending bytes per replica.
+const WALDEN_METRICS: &[&str] = &[
+    "walden_replica_last_sync_timestamp_seconds",
+    "walden_replica_lag_seconds",
+    "walden_replica_pending_bytes",
+];
+
+/// `/metrics` is well-formed Prometheus text, carries Litestream's names, and its counters
+/// move while an application writes.
+#[test]
+fn metrics_are_prometheus_text_under_litestream_names_and_counters_move() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    create_db(&db);
+    let port = free_port();
+    let cfg = write_config(
+        work.path(),
+        Some(port),
+        &db,
+        "    min-checkpoint-page-count: 10\n",
+        &s3_replica(s3, &s3.prefix("metrics"), "500ms"),
+    );
+    let mut w = Walden::start(&cfg, s3, &[], work.path());
+    w.wait_for_http(port);
+    let writer = Writer::start(&db);
+    let synced = wait_for(Duration::from_secs(30), || {
+        replica(&health(port).1)["last_synced_at"]
+            .is_string()
+            .then_some(())
+    });
+    assert!(synced.is_some(), "never synced\n{}", w.log());
+
+    let label = db.to_str().unwrap();
+    let counters = |s: &[Sample]| {
+        [
+            metric(s, "litestream_sync_count", &[("db", label)]),
+            metric(
+                s,
+                "litestream_replica_operation_total",
+                &[("operation", "PUT"), ("replica_type", "s3")],
+            ),
+            metric(
+                s,
+                "litestream_replica_wal_bytes",
+                &[("db", label), ("name", "s3")],
+            ),
+        ]
+    };
+    let first = counters(&scrape(port));
+    thread::sleep(Duration::from_secs(2));
+    let second = counters(&scrape(port));
+    for (i, name) in [
+        "litestream_sync_count",
+        "litestream_replica_operation_total{PUT,s3}",
+        "litestream_replica_wal_bytes",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (a, b) = (first[i], second[i]);
+        assert!(
+            a.is_some() && b > a,
+            "{name} did not increase while writing: {a:?} -> {b:?}"
+        );
+    }
+
+    // A checkpoint happens once the WAL passes 10 pages; then every name is there.
+    let samples = wait_for(Duration::from_secs(20), || {
+        let s = scrape(port);
+        metric(&s, "litestream_checkpoint_count", &[("db", label)])
+            .is_some_and(|n| n >= 1.0)
+            .then_some(s)
+    });
+    let samples = samples.unwrap_or_else(|| {
+        panic!(
+            "litestream_checkpoint_count never reached 1 with min-checkpoint-page-count 10\n{:#?}",
+            scrape(port)
+                .iter()
+                .filter(|s| s.name.contains("checkpoint"))
+                .collect::<Vec<_>>()
+        )
+    });
+    let written = writer.finish();
+    assert!(written > 0);
+    let missing: Vec<&&str> = LITESTREAM_METRICS
+        .iter()
+        .chain(WALDEN_METRICS)
+        .filter(|name| !samples.iter().any(|s| s.name == **name))
+        .collect();
+    let names: std::collections::BTreeSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from /metrics: {missing:?}\nexported: {names:?}"
+    );
+    assert!(metric(&samples, "litestream_db_size", &[("db", label)]).is_some_and(|v| v > 0.0));
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = metric(
+        &samples,
+        "walden_replica_last_sync_timestamp_seconds",
+        &[("db", label), ("name", "s3")],
+    )
+    .unwrap();
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last),
+        "last sync timestamp {last} is not recent (now {now})"
+    );
+    w.stop();
 }
