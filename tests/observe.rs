@@ -876,3 +876,293 @@ fn metrics_are_prometheus_text_under_litestream_names_and_counters_move() {
     );
     w.stop();
 }
+
+/// `walden verify` passes on a good replica, asking the running replicator when there is one
+/// and restoring on its own when there is none, and fails when the newest segment is garbage
+/// or a segment the restore needs is gone.
+#[test]
+fn verify_passes_on_a_good_replica_and_fails_on_a_corrupted_or_missing_segment() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    create_db(&db);
+    let prefix = s3.prefix("verify");
+    let cfg = write_config(
+        work.path(),
+        None,
+        &db,
+        "",
+        &s3_replica(s3, &prefix, "200ms"),
+    );
+    let (cfg_arg, db_arg) = (cfg.to_str().unwrap(), db.to_str().unwrap());
+    let verify = || walden(s3, &["verify", "-config", cfg_arg, db_arg]);
+    let assert_ok = |out: &Output, what: &str| {
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", describe(out));
+        let rows = table_rows(&stdout(out), "s3");
+        assert!(
+            rows.iter()
+                .any(|r| r.get(3).map(String::as_str) == Some("OK")),
+            "{what}: no OK row: {}",
+            describe(out)
+        );
+    };
+    let assert_failed = |out: &Output, what: &str| {
+        eprintln!("{what}: {}", describe(out));
+        assert!(
+            out.status.code().is_some_and(|c| c != 0),
+            "{what}: {}",
+            describe(out)
+        );
+        assert!(
+            stdout(out).contains("FAILED"),
+            "{what}: no FAILED row: {}",
+            describe(out)
+        );
+    };
+
+    let mut w = Walden::start(&cfg, s3, &[], work.path());
+    let writer = Writer::start(&db);
+    thread::sleep(Duration::from_secs(2));
+    w.assert_running();
+    // While the application writes: the running replicator pins a position and restores it.
+    let out = verify();
+    assert_ok(&out, "verify with a running replicator");
+    assert!(
+        w.log().contains("restore drill ok"),
+        "the running replicator did not run the drill\n{}",
+        w.log()
+    );
+    thread::sleep(Duration::from_secs(1));
+    writer.finish();
+    w.stop();
+    assert_ok(&verify(), "verify with no replicator running");
+
+    // Segments of the one generation, by (index, offset).
+    let keys = s3.list_keys(&format!("{prefix}/"));
+    let mut segments: Vec<(u32, u32, String)> = keys
+        .iter()
+        .filter_map(|k| {
+            let (_, name) = k.rsplit_once("/wal/")?;
+            let (index, offset) = name.strip_suffix(".wal.lz4")?.split_once('_')?;
+            Some((
+                u32::from_str_radix(index, 16).ok()?,
+                u32::from_str_radix(offset, 16).ok()?,
+                k.clone(),
+            ))
+        })
+        .collect();
+    segments.sort();
+    let generations: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .filter_map(|k| k.split("/generations/").nth(1)?.split('/').next())
+        .collect();
+    assert_eq!(generations.len(), 1, "one generation expected: {keys:#?}");
+    let latest = segments.last().expect("WAL segments in the bucket").0;
+    let in_latest: Vec<&String> = segments
+        .iter()
+        .filter(|s| s.0 == latest)
+        .map(|s| &s.2)
+        .collect();
+    assert!(
+        in_latest.len() >= 3,
+        "want several segments in the latest index to delete a middle one: {keys:#?}"
+    );
+
+    let newest = in_latest[in_latest.len() - 1];
+    let original = s3.get(newest);
+    s3.put(
+        newest,
+        b"this is not an lz4 frame, just garbage where a segment was",
+    );
+    assert_failed(&verify(), "verify with a corrupted newest segment");
+    s3.put(newest, &original);
+    assert_ok(&verify(), "verify once the segment is put back");
+
+    let middle = in_latest[in_latest.len() / 2];
+    support::block_on(s3.s3_bucket().delete_object(middle.as_str()))
+        .unwrap_or_else(|e| panic!("delete {middle}: {e}"));
+    assert_failed(&verify(), &format!("verify with {middle} deleted"));
+}
+
+/// `walden status` exits 0 while a healthy replicator runs (found over its unix socket, no
+/// `addr` configured) and non-zero when none runs, then showing what the bucket holds.
+#[test]
+fn status_exit_code_says_whether_a_healthy_replicator_runs() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    create_db(&db);
+    let cfg = write_config(
+        work.path(),
+        None,
+        &db,
+        "",
+        &s3_replica(s3, &s3.prefix("status"), "200ms"),
+    );
+    let (cfg_arg, db_arg) = (cfg.to_str().unwrap(), db.to_str().unwrap());
+    let status = || walden(s3, &["status", "-config", cfg_arg]);
+
+    let mut w = Walden::start(&cfg, s3, &[], work.path());
+    // Right after start-up the replicator reports healthy before its first upload (nothing
+    // has failed yet); wait for the first confirmed upload, then the row is complete.
+    let healthy = wait_for(Duration::from_secs(30), || {
+        w.assert_running();
+        let out = status();
+        let synced = table_rows(&stdout(&out), db_arg)
+            .iter()
+            .any(|r| r.get(3).is_some_and(|t| t != "-"));
+        (out.status.success() && synced).then_some(out)
+    });
+    let healthy = healthy.unwrap_or_else(|| {
+        panic!(
+            "status never exited 0 with walden running: {}\n{}",
+            describe(&status()),
+            w.log()
+        )
+    });
+    assert!(
+        work.path().join(".app.db-litestream/walden.sock").exists(),
+        "no status socket in the meta directory"
+    );
+    let rows = table_rows(&stdout(&healthy), db_arg);
+    let row = rows
+        .iter()
+        .find(|r| r.get(1).map(String::as_str) == Some("s3"))
+        .unwrap_or_else(|| panic!("no row for replica s3: {}", describe(&healthy)));
+    assert_eq!(row[2], "healthy", "{}", describe(&healthy));
+    let generation = row[6].clone();
+    assert!(
+        generation.len() == 16 && generation.chars().all(|c| c.is_ascii_hexdigit()),
+        "generation column {generation:?}: {}",
+        describe(&healthy)
+    );
+    w.stop();
+
+    let out = status();
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "status with no replicator: {}",
+        describe(&out)
+    );
+    let rows = table_rows(&stdout(&out), db_arg);
+    assert!(
+        rows.iter()
+            .any(|r| r.get(2).map(String::as_str) == Some("not running")
+                && r.get(6) == Some(&generation)),
+        "status does not show the bucket's generation {generation} as not running: {}",
+        describe(&out)
+    );
+}
+
+/// With `verify-interval`, replicate runs restore drills while the application writes and
+/// reports them in `/health` and `litestream_replica_validation_total`.
+#[test]
+fn verify_interval_runs_drills_reported_in_health_and_metrics() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    create_db(&db);
+    let port = free_port();
+    let cfg = write_config(
+        work.path(),
+        Some(port),
+        &db,
+        "    verify-interval: 2s\n",
+        &s3_replica(s3, &s3.prefix("drill"), "500ms"),
+    );
+    let mut w = Walden::start(&cfg, s3, &[], work.path());
+    w.wait_for_http(port);
+    let writer = Writer::start(&db);
+    thread::sleep(Duration::from_secs(5));
+    let mut seen = Vec::new();
+    let verified = wait_for(Duration::from_secs(20), || {
+        let (code, report) = health(port);
+        let r = replica(&report).clone();
+        seen.push(report.clone());
+        assert_ne!(
+            r["verify_ok"],
+            Value::Bool(false),
+            "a drill failed: {report:#}\n{}",
+            w.log()
+        );
+        (code == 200 && r["verified_at"].is_string() && r["verify_ok"] == true).then_some(r)
+    });
+    let verified = verified.unwrap_or_else(|| {
+        panic!(
+            "no passed drill in /health: {:#}\n{}",
+            seen.last().unwrap(),
+            w.log()
+        )
+    });
+    parse_rfc3339(verified["verified_at"].as_str().unwrap());
+    let samples = scrape(port);
+    let label = db.to_str().unwrap();
+    let ok = metric(
+        &samples,
+        "litestream_replica_validation_total",
+        &[("db", label), ("name", "s3"), ("status", "ok")],
+    );
+    assert!(
+        ok.is_some_and(|n| n >= 1.0),
+        "litestream_replica_validation_total{{status=\"ok\"}}: {ok:?}"
+    );
+    let failed = metric(
+        &samples,
+        "litestream_replica_validation_total",
+        &[("status", "error")],
+    );
+    assert!(failed.unwrap_or(0.0) == 0.0, "failed drills: {failed:?}");
+    writer.finish();
+    w.stop();
+}
+
+/// `-log-format json` makes every line replicate logs a JSON object, and the snapshot and the
+/// new generation are logged at info.
+#[test]
+fn log_format_json_logs_snapshot_and_generation_at_info() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    create_db(&db);
+    let cfg = write_config(
+        work.path(),
+        None,
+        &db,
+        "",
+        &s3_replica(s3, &s3.prefix("jsonlog"), "200ms"),
+    );
+    let mut w = Walden::start(&cfg, s3, &["-log-format", "json"], work.path());
+    let uploaded = wait_for(Duration::from_secs(30), || {
+        w.assert_running();
+        std::fs::read_to_string(&w.stdout)
+            .unwrap()
+            .contains("snapshot uploaded")
+            .then_some(())
+    });
+    assert!(uploaded.is_some(), "no snapshot upload logged\n{}", w.log());
+    let stdout = std::fs::read_to_string(&w.stdout).unwrap();
+    w.stop();
+    let mut messages = Vec::new();
+    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line:?}"));
+        let level = v["level"]
+            .as_str()
+            .unwrap_or_else(|| panic!("log line without level: {line}"));
+        let message = v["fields"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("log line without fields.message: {line}"));
+        messages.push((level.to_string(), message.to_string(), v));
+    }
+    let info = |needle: &str| {
+        messages
+            .iter()
+            .any(|(level, message, _)| level == "INFO" && message.contains(needle))
+    };
+    let all: Vec<String> = messages
+        .iter()
+        .map(|(l, m, _)| format!("{l} {m}"))
+        .collect();
+    assert!(info("snapshot"), "no snapshot line at info: {all:#?}");
+    assert!(info("generation"), "no generation change at info: {all:#?}");
+}
