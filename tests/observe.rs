@@ -432,10 +432,8 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
         if let Some(comment) = line.strip_prefix('#') {
             let words: Vec<&str> = comment.split_whitespace().collect();
             match words.first() {
-                Some(&"HELP") => {
-                    if words.len() < 2 || !is_metric_name(words[1]) {
-                        fail("malformed HELP");
-                    }
+                Some(&"HELP") if words.len() < 2 || !is_metric_name(words[1]) => {
+                    fail("malformed HELP")
                 }
                 Some(&"TYPE") => {
                     if words.len() != 3 || !is_metric_name(words[1]) {
@@ -456,9 +454,7 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
             }
             continue;
         }
-        let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
-            .unwrap_or_else(|| fail("no value"));
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| fail("no value"));
         let name = &line[..name_end];
         if !is_metric_name(name) {
             fail("bad metric name");
@@ -813,7 +809,12 @@ fn metrics_are_prometheus_text_under_litestream_names_and_counters_move() {
             ),
         ]
     };
-    let first = counters(&scrape(port));
+    // last_synced_at is set by the snapshot upload already; wait for the first WAL segment too.
+    let first = wait_for(Duration::from_secs(20), || {
+        let c = counters(&scrape(port));
+        c.iter().all(Option::is_some).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("counters never all exported: {:?}", counters(&scrape(port))));
     thread::sleep(Duration::from_secs(2));
     let second = counters(&scrape(port));
     for (i, name) in [
@@ -1004,13 +1005,14 @@ fn status_exit_code_says_whether_a_healthy_replicator_runs() {
 
     let mut w = Walden::start(&cfg, s3, &[], work.path());
     // Right after start-up the replicator reports healthy before its first upload (nothing
-    // has failed yet); wait for the first confirmed upload, then the row is complete.
+    // has failed yet), and the snapshot upload sets last_synced_at a moment before the
+    // replica's position; wait until both are there.
     let healthy = wait_for(Duration::from_secs(30), || {
         w.assert_running();
         let out = status();
         let synced = table_rows(&stdout(&out), db_arg)
             .iter()
-            .any(|r| r.get(3).is_some_and(|t| t != "-"));
+            .any(|r| r.get(3).is_some_and(|t| t != "-") && r.get(6).is_some_and(|g| g != "-"));
         (out.status.success() && synced).then_some(out)
     });
     let healthy = healthy.unwrap_or_else(|| {
