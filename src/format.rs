@@ -16,7 +16,6 @@
 use std::hash::Hasher;
 use std::io::{self, Read, Write};
 
-use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
 use twox_hash::XxHash32;
 
 /// Why an object could not be decoded; anything but `Io` means the object itself is unusable.
@@ -236,49 +235,103 @@ pub fn wal_segment_key(prefix: &str, generation: &str, pos: Pos) -> String {
     ])
 }
 
-/// LZ4 frame writer producing exactly v0.3.13's header: 04 22 4D 18 64 70 B9 (FLG 0x64:
-/// independent blocks, content checksum; BD 0x70: 4 MiB blocks; no block checksums, no content
-/// size). Streaming: memory bounded by one block.
+/// The frame header v0.3.13 writes: magic, FLG 0x64 (version 1, independent blocks, content
+/// checksum, no block checksums, no content size), BD 0x70 (blocks of up to 4 MiB) and the
+/// header checksum.
+const FRAME_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
+
+/// Largest block the encoder emits. The header still announces blocks of up to 4 MiB, exactly
+/// as v0.3.13's does (readers size their buffers from it and accept any smaller block), but
+/// 256 KiB blocks keep the encoder at half a megabyte instead of eight.
+const ENCODE_BLOCK: usize = 256 << 10;
+
+/// LZ4 frame writer producing exactly v0.3.13's header bytes, `04 22 4D 18 64 70 B9`, with
+/// independent blocks and a content checksum; streaming, with memory bounded by one block.
 ///
 /// Matching the header byte for byte is the safest way to stay readable by every Litestream
 /// version, whatever LZ4 features their readers happen to support.
 pub fn lz4_encoder<W: Write>(w: W) -> Lz4Encoder<W> {
-    let info = FrameInfo::new()
-        .block_size(BlockSize::Max4MB)
-        .block_mode(BlockMode::Independent)
-        .block_checksums(false)
-        .content_checksum(true)
-        .content_size(None);
     Lz4Encoder {
-        inner: FrameEncoder::with_frame_info(info, w),
+        w,
+        header_written: false,
+        block: Vec::with_capacity(ENCODE_BLOCK),
+        out: Vec::new(),
+        hasher: XxHash32::with_seed(0),
     }
 }
 
 /// An LZ4 frame being written; see [`lz4_encoder`]. Nothing is complete until
 /// [`finish`](Lz4Encoder::finish) writes the end mark and content checksum.
 pub struct Lz4Encoder<W: Write> {
-    inner: FrameEncoder<W>,
+    w: W,
+    header_written: bool,
+    block: Vec<u8>,
+    out: Vec<u8>,
+    hasher: XxHash32,
 }
 
 impl<W: Write> Lz4Encoder<W> {
+    fn write_header(&mut self) -> io::Result<()> {
+        if !self.header_written {
+            self.w.write_all(&FRAME_HEADER)?;
+            self.header_written = true;
+        }
+        Ok(())
+    }
+
+    /// Compresses the pending block; one that does not shrink is stored as it is (the high
+    /// bit of its size says so), as LZ4 writers do.
+    fn emit_block(&mut self) -> io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        self.write_header()?;
+        self.out.resize(
+            lz4_flex::block::get_maximum_output_size(self.block.len()),
+            0,
+        );
+        let n =
+            lz4_flex::block::compress_into(&self.block, &mut self.out).map_err(io::Error::other)?;
+        if n < self.block.len() {
+            self.w.write_all(&(n as u32).to_le_bytes())?;
+            self.w.write_all(&self.out[..n])?;
+        } else {
+            let raw = self.block.len() as u32 | 0x8000_0000;
+            self.w.write_all(&raw.to_le_bytes())?;
+            self.w.write_all(&self.block)?;
+        }
+        self.block.clear();
+        Ok(())
+    }
+
     /// Writes the last block, the end mark and the content checksum, and hands back the writer.
-    pub fn finish(self) -> Result<W, FormatError> {
-        self.inner
-            .finish()
-            .map_err(|err| FormatError::from_io(err.into()))
+    pub fn finish(mut self) -> Result<W, FormatError> {
+        let done = (|| {
+            self.write_header()?;
+            self.emit_block()?;
+            self.w.write_all(&0u32.to_le_bytes())?;
+            self.w.write_all(&self.hasher.finish_32().to_le_bytes())
+        })();
+        done.map_err(FormatError::from_io)?;
+        Ok(self.w)
     }
 }
 
 impl<W: Write> Write for Lz4Encoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
+        let n = buf.len().min(ENCODE_BLOCK - self.block.len());
+        self.block.extend_from_slice(&buf[..n]);
+        self.hasher.write(&buf[..n]);
+        if self.block.len() == ENCODE_BLOCK {
+            self.emit_block()?;
+        }
+        Ok(n)
     }
 
-    /// Flushes the underlying writer only: ending the pending block early would split the data
-    /// into blocks smaller than the 4 MiB v0.3.13 writes, for no benefit since nothing can read a
-    /// frame before its end mark.
+    /// Flushes the underlying writer only: ending the pending block early gains nothing,
+    /// since nothing can read a frame before its end mark.
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.get_mut().flush()
+        self.w.flush()
     }
 }
 
@@ -635,13 +688,13 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_in_4_mib_blocks() {
+    fn round_trips_in_blocks_of_at_most_256_kib() {
         for len in [0, 1, 4 * MIB - 1, 4 * MIB, 8 * MIB, 9 * MIB] {
             for compressible in [false, true] {
                 let input = data(len, compressible);
                 let frame = compress(&input);
                 let words = block_words(&frame);
-                assert_eq!(words.len(), len.div_ceil(4 * MIB), "len {len}");
+                assert_eq!(words.len(), len.div_ceil(ENCODE_BLOCK), "len {len}");
                 assert!(
                     words.iter().all(|&w| w & !BLOCK_STORED != 0),
                     "len {len}: the writer must not emit empty blocks"
@@ -669,7 +722,7 @@ mod tests {
         let frame = encoder.finish().unwrap();
         assert_eq!(
             block_words(&frame).len(),
-            2,
+            input.len().div_ceil(ENCODE_BLOCK),
             "flush must not end a block early"
         );
         let mut decoder = lz4_decoder(frame.as_slice());

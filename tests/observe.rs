@@ -745,11 +745,10 @@ const LITESTREAM_METRICS: &[&str] = &[
     "litestream_shadow_wal_index",
     "litestream_shadow_wal_size",
     "litestream_sync_count",
-    // BUG (walden): Litestream 0.3.13 exports this at 0 from start-up (checked against the
-    // reference binary with a file replica: `litestream_sync_error_count{db="..."} 0`), so
-    // dashboards show 0 rather than no data and `increase()` alerts see the first error; Walden
-    // creates the series only on the first sync error (src/replicate/mod.rs, run_db), so a
-    // healthy replicator does not export it and this test fails until that is fixed.
+    // Regression: Litestream 0.3.13 exports this at 0 from start-up (checked against the
+    // reference binary: `litestream_sync_error_count{db="..."} 0`), so dashboards show 0 rather
+    // than no data and `increase()` alerts see the first error; Walden once created the series
+    // only on the first sync error.
     "litestream_sync_error_count",
     "litestream_sync_seconds",
     "litestream_checkpoint_count",

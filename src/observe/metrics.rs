@@ -205,6 +205,26 @@ impl Metrics {
         String::from_utf8(buf).expect("text encoding is utf-8")
     }
 
+    /// Creates a database's series at zero, as Litestream does, so dashboards show 0 rather
+    /// than "no data" and `increase()` sees the first error.
+    pub fn start_db<'a>(&self, db: &str, replicas: impl Iterator<Item = &'a str>) {
+        for counter in [
+            &self.sync_count,
+            &self.sync_error_count,
+            &self.total_wal_bytes,
+        ] {
+            counter.with_label_values(&[db]);
+        }
+        self.sync_seconds.with_label_values(&[db]);
+        for name in replicas {
+            self.replica_wal_bytes.with_label_values(&[db, name]);
+            for status in ["ok", "error"] {
+                self.replica_validation_total
+                    .with_label_values(&[db, name, status]);
+            }
+        }
+    }
+
     pub fn record_checkpoint(&self, db: &str, mode: &str, elapsed: Duration, ok: bool) {
         self.checkpoint_count.with_label_values(&[db, mode]).inc();
         self.checkpoint_seconds

@@ -128,6 +128,8 @@ pub struct Db {
     file: Option<File>,
     page_size: u32,
     shadow: Option<Shadow>,
+    /// The buffer frames are copied through, kept between ticks rather than allocated anew.
+    copy_buf: Vec<u8>,
     /// Set while a WAL restart forced by us is pending. Every frame of the old index was
     /// copied under the write lock before it, so the restart may overwrite them; only a
     /// restart nobody expected needs Litestream's check that the last copied frame survived.
@@ -139,7 +141,7 @@ pub struct Db {
 /// generation instead of writing names v0.3.13 would silently skip.
 const MAX_SHADOW_SIZE: u64 = 0xF000_0000;
 /// Frames are copied in chunks so memory stays bounded whatever the transaction size.
-const COPY_CHUNK: u64 = 4 << 20;
+const COPY_CHUNK: u64 = 1 << 20;
 
 impl Db {
     pub fn new(cfg: DbConfig) -> Db {
@@ -153,6 +155,7 @@ impl Db {
             file: None,
             page_size: 0,
             shadow: None,
+            copy_buf: Vec::new(),
             restart_expected: false,
         }
     }
@@ -576,7 +579,7 @@ impl Db {
         let mut ck = s.checksum;
         let mut committed = (off, ck);
         let chunk_frames = (COPY_CHUNK / fsz).max(1);
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.copy_buf);
         'outer: while off < end {
             let n = ((end - off) / fsz).min(chunk_frames);
             buf.resize((n * fsz) as usize, 0);
@@ -615,6 +618,7 @@ impl Db {
         if committed.0 > start {
             out.sync_data().map_err(Self::io_err(&shadow_path))?;
         }
+        self.copy_buf = buf;
         let s = self.shadow.as_mut().expect("shadow exists");
         s.size = committed.0;
         s.checksum = committed.1;

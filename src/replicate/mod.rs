@@ -341,6 +341,10 @@ async fn run_db(
     shutdown: CancellationToken,
 ) {
     let verify_every = db.config().verify_interval;
+    metrics().start_db(
+        &db.path().display().to_string(),
+        db.config().replicas.iter().map(|r| r.name.as_str()),
+    );
     let meta = db.config().meta_path.clone();
     let path = db.path().to_path_buf();
     let label = path.display().to_string();
@@ -846,10 +850,6 @@ impl Uploader {
         match &status.snapshot {
             Some(snap) if snap.generation == current.generation => {
                 self.upload_snapshot(snap).await?;
-                if let Err(e) = self.make_generation_newest(snap).await {
-                    tracing::warn!(replica = %self.cfg.name, error = %e,
-                        "cannot check that the new generation is the newest in the store");
-                }
                 self.set_pos(
                     &current.generation,
                     Pos {
@@ -857,6 +857,10 @@ impl Uploader {
                         offset: 0,
                     },
                 );
+                if let Err(e) = self.make_generation_newest(snap).await {
+                    tracing::warn!(replica = %self.cfg.name, error = %e,
+                        "cannot check that the new generation is the newest in the store");
+                }
                 Ok(true)
             }
             _ => {
@@ -962,20 +966,16 @@ impl Uploader {
             let chunk_end = end.min(limit);
             let path = shadow.clone();
             let offset = pos.offset;
-            let compressed = tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::open(&path)?;
-                let mut buf = vec![0u8; (chunk_end - offset) as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset)?;
-                Ok::<_, std::io::Error>(format::compress(&buf))
-            })
-            .await
-            .map_err(|e| ReplicateError::Internal(e.to_string()))?
-            .map_err(|source| {
-                ReplicateError::Db(DbError::Io {
-                    path: shadow.clone(),
-                    source,
-                })
-            })?;
+            let compressed =
+                tokio::task::spawn_blocking(move || compress_range(&path, offset, chunk_end))
+                    .await
+                    .map_err(|e| ReplicateError::Internal(e.to_string()))?
+                    .map_err(|source| {
+                        ReplicateError::Db(DbError::Io {
+                            path: shadow.clone(),
+                            source,
+                        })
+                    })?;
             let size = compressed.len();
             self.replica
                 .put_segment(&generation, pos, Body::Bytes(compressed.into()))
@@ -1084,4 +1084,21 @@ fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos, page_si
         };
     }
     total
+}
+
+/// Compresses `[offset, end)` of a shadow file, streaming it through the encoder in small
+/// reads so the raw range is never held in memory whole.
+fn compress_range(path: &std::path::Path, offset: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let f = std::fs::File::open(path)?;
+    let mut enc = format::lz4_encoder(Vec::new());
+    let mut buf = vec![0u8; 256 << 10];
+    let mut at = offset;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], at)?;
+        enc.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    enc.finish().map_err(std::io::Error::other)
 }
