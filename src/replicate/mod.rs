@@ -617,24 +617,33 @@ impl Uploader {
         mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
         shutdown: CancellationToken,
     ) {
-        let mut ticker = tokio::time::interval(self.cfg.sync_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let interval = self.cfg.sync_interval;
         let retention_every = match self.cfg.retention {
             Some(r) => r.min(self.cfg.retention_check_interval),
             None => Duration::ZERO,
         };
         let mut next_retention = tokio::time::Instant::now() + retention_every;
         let mut failures = 0u32;
+        // Woken by the database task's publications rather than a free-running timer, so new
+        // data goes up right after it is copied (at most once per sync-interval): two timers
+        // out of phase would let data wait nearly two intervals.
+        let mut published = self.status.clone();
+        let mut last = tokio::time::Instant::now() - interval;
         loop {
             let mut reply = None;
+            let due = last + interval;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
                 tx = flushes.recv() => match tx {
                     Some(tx) => reply = Some(tx),
                     None => break,
                 },
+                _ = async {
+                    tokio::time::sleep_until(due).await;
+                    let _ = tokio::time::timeout(interval, published.changed()).await;
+                } => {}
             }
+            last = tokio::time::Instant::now();
             let result = self.sync().await;
             self.note_pending();
             match &result {
