@@ -77,7 +77,7 @@ def bulk(path, mib):
     db.execute("PRAGMA synchronous=OFF")
     db.execute("PRAGMA cache_size=-65536")
     db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, at REAL, data BLOB)")
-    rows = mib * 1024 * 1024 // 1060  # 1 KiB payload + record and page overhead
+    rows = mib * 1024 * 1024 * 3 // 4096  # 1 KiB rows: three fit in a 4 KiB page
     step = 100_000
     done = 0
     while done < rows:
