@@ -246,8 +246,12 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    // Blocking work (SQLite, file copies, compression) is short and CPU-bound: a few threads
+    // keep two cores busy, while tokio's default pool of up to 512 grew one thread, with its
+    // stack and arena, per database being synced at once.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .expect("tokio runtime");

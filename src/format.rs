@@ -254,7 +254,7 @@ pub fn lz4_encoder<W: Write>(w: W) -> Lz4Encoder<W> {
     Lz4Encoder {
         w,
         header_written: false,
-        block: Vec::with_capacity(ENCODE_BLOCK),
+        block: Vec::new(),
         out: Vec::new(),
         hasher: XxHash32::with_seed(0),
     }

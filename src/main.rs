@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     limit_malloc_retention();
+    walden::replicate::db::configure_sqlite();
     // SAFETY: called first, before the async runtime or any other thread exists, which is
     // what changing the process environment requires.
     if let Err(e) = unsafe { walden::storage::s3::trust_aws_ca_bundle() } {

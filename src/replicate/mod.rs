@@ -1101,7 +1101,7 @@ fn compress_range(path: &std::path::Path, offset: u64, end: u64) -> std::io::Res
     use std::io::Write;
     let f = std::fs::File::open(path)?;
     let mut enc = format::lz4_encoder(Vec::new());
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; ((end - offset) as usize).min(256 << 10)];
     let mut at = offset;
     while at < end {
         let n = ((end - at) as usize).min(buf.len());

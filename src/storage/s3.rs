@@ -106,6 +106,28 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
+/// What makes two replicas' clients interchangeable. Holds the secret only to compare it; it
+/// is never printed (no `Debug`).
+#[derive(PartialEq, Eq, Hash)]
+struct ClientKey {
+    bucket: String,
+    endpoint: String,
+    region: String,
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+    force_path_style: bool,
+    skip_verify: bool,
+}
+
+/// One rust-s3 client per distinct connection setting, shared by every replica that uses it
+/// (a clone shares the underlying reqwest client). Each client parses the whole root
+/// certificate store and keeps its own connection pool: with one per replica, a thousand
+/// databases replicating to the same bucket held a thousand copies, about a megabyte each.
+static CLIENTS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<ClientKey, Box<Bucket>>>,
+> = std::sync::LazyLock::new(Default::default);
+
 fn config_error(message: impl Into<String>) -> StorageError {
     StorageError::Config {
         message: message.into(),
@@ -166,17 +188,37 @@ impl S3Store {
         .map_err(|e| config_error(format!("s3 credentials: {e}")))?;
 
         s3::set_retries(0);
-        let build = |e: S3Error| config_error(format!("s3 client for bucket {}: {e}", cfg.bucket));
-        let mut bucket = Bucket::new(&cfg.bucket, region, credentials).map_err(build)?;
-        if cfg.force_path_style {
-            bucket = bucket.with_path_style();
-        }
-        bucket = bucket
-            .with_request_timeout(REQUEST_TIMEOUT)
-            .map_err(build)?;
-        if cfg.skip_verify {
-            bucket = Box::new(bucket.set_dangerous_config(true, true).map_err(build)?);
-        }
+        let key = ClientKey {
+            bucket: cfg.bucket.clone(),
+            endpoint: endpoint.clone(),
+            region: format!("{region}"),
+            access_key_id: cfg.access_key_id.clone(),
+            secret_access_key: cfg.secret_access_key.clone(),
+            session_token: cfg.session_token.clone(),
+            force_path_style: cfg.force_path_style,
+            skip_verify: cfg.skip_verify,
+        };
+        let mut clients = CLIENTS.lock().expect("client cache lock");
+        let bucket = match clients.get(&key) {
+            Some(bucket) => bucket.clone(),
+            None => {
+                let build =
+                    |e: S3Error| config_error(format!("s3 client for bucket {}: {e}", cfg.bucket));
+                let mut bucket = Bucket::new(&cfg.bucket, region, credentials).map_err(build)?;
+                if cfg.force_path_style {
+                    bucket = bucket.with_path_style();
+                }
+                bucket = bucket
+                    .with_request_timeout(REQUEST_TIMEOUT)
+                    .map_err(build)?;
+                if cfg.skip_verify {
+                    bucket = Box::new(bucket.set_dangerous_config(true, true).map_err(build)?);
+                }
+                clients.insert(key, bucket.clone());
+                bucket
+            }
+        };
+        drop(clients);
         Ok(S3Store {
             bucket,
             name: cfg.bucket,
