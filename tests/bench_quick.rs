@@ -49,10 +49,7 @@ fn free_base_port() -> u16 {
     for i in 0..300u16 {
         let p = 24_000 + (start - 24_000 + i * 50) % 15_000;
         let ports = (p..=p + 8).chain([p + 10_004]);
-        if ports
-            .map(|q| TcpListener::bind(("127.0.0.1", q)).is_ok())
-            .all(|ok| ok)
-        {
+        if ports.all(|q| TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }
     }
