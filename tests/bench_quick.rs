@@ -48,7 +48,7 @@ fn free_base_port() -> u16 {
     let start = 24_000 + (std::process::id() % 300) as u16 * 50;
     for i in 0..300u16 {
         let p = 24_000 + (start - 24_000 + i * 50) % 15_000;
-        let ports = (p..=p + 8).chain([p + 10_004]);
+        let mut ports = (p..=p + 8).chain([p + 10_004]);
         if ports.all(|q| TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }
