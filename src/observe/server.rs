@@ -34,7 +34,10 @@ pub fn socket_path(meta: &Path) -> PathBuf {
     meta.join(SOCKET_NAME)
 }
 
-fn router(views: Vec<DbView>) -> Router {
+/// Every listener (one socket per database, and `addr`) shares one list of views.
+type Views = std::sync::Arc<Vec<DbView>>;
+
+fn router(views: Views) -> Router {
     Router::new()
         .route("/health", get(health_handler))
         .route("/metrics", get(metrics_handler))
@@ -42,7 +45,7 @@ fn router(views: Vec<DbView>) -> Router {
         .with_state(views)
 }
 
-async fn health_handler(State(views): State<Vec<DbView>>) -> impl IntoResponse {
+async fn health_handler(State(views): State<Views>) -> impl IntoResponse {
     let report = health::report(&views, SystemTime::now());
     let code = if report.healthy {
         StatusCode::OK
@@ -60,7 +63,7 @@ struct VerifyQuery {
 
 /// Runs a restore drill now (`walden verify` asks for one when a replicator runs).
 async fn verify_handler(
-    State(views): State<Vec<DbView>>,
+    State(views): State<Views>,
     axum::extract::Query(q): axum::extract::Query<VerifyQuery>,
 ) -> impl IntoResponse {
     let mut verdicts = Vec::new();
@@ -101,6 +104,7 @@ pub async fn serve(
     views: Vec<DbView>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let views: Views = std::sync::Arc::new(views);
     if let Some(addr) = addr {
         let bind = listen_addr(addr);
         let listener = tokio::net::TcpListener::bind(&bind)

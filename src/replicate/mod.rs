@@ -381,7 +381,18 @@ async fn run_db(
             cmd = commands.recv() => match cmd {
                 None => break,
                 Some(DbCommand::Verify(tx)) => { drill(Some(tx)); continue; }
-                Some(DbCommand::Snapshot) => { snapshot_wanted = true; continue; }
+                Some(DbCommand::Snapshot) => {
+                    // A request that crossed a snapshot just published for this generation
+                    // is answered by it: the requester uploads that one.
+                    let s = status.borrow();
+                    let pending = s.snapshot.as_ref().zip(s.position.as_ref())
+                        .is_some_and(|(snap, p)| snap.generation == p.generation);
+                    drop(s);
+                    if !pending {
+                        snapshot_wanted = true;
+                    }
+                    continue;
+                }
                 Some(DbCommand::SnapshotUploaded { replica, index }) => {
                     let current = status.borrow().snapshot.as_ref().map(|s| s.index);
                     if current == Some(index) {
