@@ -78,7 +78,7 @@ impl Replica {
                 policy,
             )),
             Target::S3(s3) => Arc::new(Retrying::new(
-                Recorded::new(S3Store::new(s3.clone())?, recorder),
+                Recorded::new(S3Store::shared(s3.clone())?, recorder),
                 policy,
             )),
         };

@@ -135,7 +135,19 @@ fn config_error(message: impl Into<String>) -> StorageError {
 }
 
 impl S3Store {
+    /// A store with its own HTTP client.
     pub fn new(cfg: S3Config) -> Result<S3Store, StorageError> {
+        S3Store::build(cfg, false)
+    }
+
+    /// A store sharing its HTTP client with every other store of the same connection settings
+    /// (see [`CLIENTS`]). Pooled connections belong to the tokio runtime that opened them, so
+    /// this is for a process with one runtime, as the `walden` binary is.
+    pub fn shared(cfg: S3Config) -> Result<S3Store, StorageError> {
+        S3Store::build(cfg, true)
+    }
+
+    fn build(cfg: S3Config, share: bool) -> Result<S3Store, StorageError> {
         if cfg.bucket.is_empty() {
             return Err(config_error("s3 replica needs a bucket name"));
         }
@@ -198,27 +210,33 @@ impl S3Store {
             force_path_style: cfg.force_path_style,
             skip_verify: cfg.skip_verify,
         };
-        let mut clients = CLIENTS.lock().expect("client cache lock");
-        let bucket = match clients.get(&key) {
-            Some(bucket) => bucket.clone(),
-            None => {
-                let build =
-                    |e: S3Error| config_error(format!("s3 client for bucket {}: {e}", cfg.bucket));
-                let mut bucket = Bucket::new(&cfg.bucket, region, credentials).map_err(build)?;
-                if cfg.force_path_style {
-                    bucket = bucket.with_path_style();
-                }
-                bucket = bucket
-                    .with_request_timeout(REQUEST_TIMEOUT)
-                    .map_err(build)?;
-                if cfg.skip_verify {
-                    bucket = Box::new(bucket.set_dangerous_config(true, true).map_err(build)?);
-                }
-                clients.insert(key, bucket.clone());
-                bucket
+        let build = |e: S3Error| config_error(format!("s3 client for bucket {}: {e}", cfg.bucket));
+        let make = || -> Result<Box<Bucket>, StorageError> {
+            let mut bucket = Bucket::new(&cfg.bucket, region, credentials).map_err(build)?;
+            if cfg.force_path_style {
+                bucket = bucket.with_path_style();
             }
+            bucket = bucket
+                .with_request_timeout(REQUEST_TIMEOUT)
+                .map_err(build)?;
+            if cfg.skip_verify {
+                bucket = Box::new(bucket.set_dangerous_config(true, true).map_err(build)?);
+            }
+            Ok(bucket)
         };
-        drop(clients);
+        let bucket = if share {
+            let mut clients = CLIENTS.lock().expect("client cache lock");
+            match clients.get(&key) {
+                Some(bucket) => bucket.clone(),
+                None => {
+                    let bucket = make()?;
+                    clients.insert(key, bucket.clone());
+                    bucket
+                }
+            }
+        } else {
+            make()?
+        };
         Ok(S3Store {
             bucket,
             name: cfg.bucket,
