@@ -124,7 +124,11 @@ enum DbCommand {
     Snapshot,
     Verify(oneshot::Sender<Vec<Verdict>>),
     SnapshotUploaded { replica: usize, index: u32 },
-    Sync(oneshot::Sender<Result<(), String>>),
+    /// Copies and publishes; with `last` set the task stops working on its own afterwards.
+    Sync {
+        reply: oneshot::Sender<Result<(), String>>,
+        last: bool,
+    },
 }
 
 type Positions = Arc<Mutex<Vec<Option<(String, Pos)>>>>;
@@ -201,12 +205,19 @@ impl Replicator {
     }
 
     /// Copies what SQLite has committed and uploads it to every replica, returning the
-    /// problems met; used before a child starts and for the final sync.
+    /// problems met; used before a child starts.
     pub async fn sync_all(&self) -> Vec<String> {
+        self.sync_every_db(false).await
+    }
+
+    /// With `last`, each database task stops checkpointing and snapshotting by itself: a
+    /// snapshot the final uploads request (snapshot-interval elapsed) would otherwise run after
+    /// them and write Litestream's `_litestream_seq` row where no upload follows.
+    async fn sync_every_db(&self, last: bool) -> Vec<String> {
         let mut errors = Vec::new();
         for db in &self.dbs {
-            let (tx, rx) = oneshot::channel();
-            if db.commands.send(DbCommand::Sync(tx)).is_err() {
+            let (reply, rx) = oneshot::channel();
+            if db.commands.send(DbCommand::Sync { reply, last }).is_err() {
                 errors.push(format!("{}: replication task stopped", db.path.display()));
                 continue;
             }
@@ -239,7 +250,7 @@ impl Replicator {
     /// Final sync bounded by `timeout`, then stops every task. Returns the problems met; an
     /// empty list means every committed transaction reached every replica.
     pub async fn shutdown(self, timeout: Duration) -> Vec<String> {
-        let errors = match tokio::time::timeout(timeout, self.sync_all()).await {
+        let errors = match tokio::time::timeout(timeout, self.sync_every_db(true)).await {
             Ok(errors) => errors,
             Err(_) => vec![format!("final sync did not finish within {timeout:?}")],
         };
@@ -357,6 +368,7 @@ async fn run_db(
     });
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot_wanted = false;
+    let mut closing = false;
     let mut acks: Vec<bool> = vec![false; replica_count];
     let mut last_logged_error: Option<String> = None;
     let mut verify_ticker = tokio::time::interval(verify_every.unwrap_or(Duration::MAX / 4));
@@ -376,11 +388,12 @@ async fn run_db(
         let mut reply = None;
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-            _ = verify_ticker.tick(), if verify_every.is_some() => { drill(None); continue; }
+            _ = ticker.tick(), if !closing => {}
+            _ = verify_ticker.tick(), if verify_every.is_some() && !closing => { drill(None); continue; }
             cmd = commands.recv() => match cmd {
                 None => break,
                 Some(DbCommand::Verify(tx)) => { drill(Some(tx)); continue; }
+                Some(DbCommand::Snapshot) if closing => continue,
                 Some(DbCommand::Snapshot) => {
                     // A request that crossed a snapshot just published for this generation
                     // is answered by it: the requester uploads that one.
@@ -403,7 +416,10 @@ async fn run_db(
                     }
                     continue;
                 }
-                Some(DbCommand::Sync(tx)) => reply = Some(tx),
+                Some(DbCommand::Sync { reply: tx, last }) => {
+                    closing |= last;
+                    reply = Some(tx);
+                }
             },
         }
         let started = std::time::Instant::now();
