@@ -423,9 +423,9 @@ async fn run_db(
             },
         }
         let started = std::time::Instant::now();
-        let result = blocking(&db, |db| {
+        let result = blocking(&db, move |db| {
             let report = db.sync()?;
-            Ok::<_, DbError>((report, db.position(), db.page_size(), db.wal_size()))
+            Ok::<_, DbError>((report, db.publishable(closing), db.page_size(), db.wal_size()))
         })
         .await;
         let m = metrics();
@@ -1122,13 +1122,14 @@ fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos, page_si
     total
 }
 
-/// Compresses `[offset, end)` of a shadow file, streaming it through the encoder in small
-/// reads so the raw range is never held in memory whole.
+/// Compresses `[offset, end)` of a shadow file as one LZ4 block when it fits in one (a segment
+/// is at most 8 MiB raw, a block at most 4 MiB), read in small pieces into the encoder.
 fn compress_range(path: &std::path::Path, offset: u64, end: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     let f = std::fs::File::open(path)?;
-    let mut enc = format::lz4_encoder(Vec::new());
-    let mut buf = vec![0u8; ((end - offset) as usize).min(256 << 10)];
+    let len = (end - offset) as usize;
+    let mut enc = format::lz4_encoder_with_blocks(Vec::new(), len.min(format::MAX_BLOCK));
+    let mut buf = vec![0u8; len.min(256 << 10)];
     let mut at = offset;
     while at < end {
         let n = ((end - at) as usize).min(buf.len());
