@@ -134,6 +134,9 @@ pub struct Db {
     /// copied under the write lock before it, so the restart may overwrite them; only a
     /// restart nobody expected needs Litestream's check that the last copied frame survived.
     restart_expected: bool,
+    /// Where the previous index ended, while the current one holds nothing but the
+    /// `_litestream_seq` write of the checkpoint this tick ran; see [`Db::publishable`].
+    seq_only_after: Option<Pos>,
 }
 
 /// Shadow files stop growing well before offsets reach the 4 GiB that v0.3.13's 8-digit names
@@ -159,6 +162,7 @@ impl Db {
             shadow: None,
             copy_buf: Vec::new(),
             restart_expected: false,
+            seq_only_after: None,
         }
     }
 
@@ -186,6 +190,21 @@ impl Db {
                 offset: s.size,
             },
         })
+    }
+
+    /// The position uploaders should work to now. Right after a checkpoint restarted the WAL,
+    /// the new index holds only our `_litestream_seq` write: shipping it in the same sync as
+    /// the old index's last frames costs a second PUT for no application data, so it waits for
+    /// the next tick, which carries the application's next commits with it. A final sync
+    /// (`everything`) ships it too, so the replica ends exactly where the database does.
+    pub fn publishable(&self, everything: bool) -> Option<Position> {
+        match (self.seq_only_after, &self.shadow) {
+            (Some(pos), Some(s)) if !everything => Some(Position {
+                generation: s.generation.clone(),
+                pos,
+            }),
+            _ => self.position(),
+        }
     }
 
     /// Size of the real WAL file, for metrics and health.
@@ -413,6 +432,7 @@ impl Db {
     /// generation when the shadow cannot continue), then checkpoint if a threshold is reached.
     pub fn sync(&mut self) -> Result<SyncReport, DbError> {
         let mut report = SyncReport::default();
+        self.seq_only_after = None;
         if !self.open()? {
             return Ok(report);
         }
@@ -673,11 +693,19 @@ impl Db {
             db.restart_expected = true;
             db.bump_seq()
         });
+        // Every frame of the old index was copied under the write lock.
+        let old_end = self.position().map(|p| p.pos);
         self.begin_read()?;
         let mut report = SyncReport::default();
         let copied = self.copy(&mut report);
         self.restart_expected = false;
         copied?;
+        let seq_only = WAL_HEADER_SIZE as u64 + wal::frame_size(self.page_size);
+        self.seq_only_after = old_end.filter(|end| {
+            self.shadow
+                .as_ref()
+                .is_some_and(|s| s.index == end.index + 1 && s.size == seq_only)
+        });
         result.and(locked)
     }
 
@@ -957,4 +985,44 @@ fn compress_file(input: &File, src: &Path, dest: &Path) -> Result<u64, DbError> 
         .map_err(|e| Db::io_err(dest)(e.into_error()))?;
     f.sync_all().map_err(Db::io_err(dest))?;
     Ok(f.metadata().map_err(Db::io_err(dest))?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=wal; CREATE TABLE IF NOT EXISTS t (v BLOB);
+             INSERT INTO t VALUES (randomblob(100));",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn a_seq_only_index_waits_for_the_next_tick_except_in_a_final_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let app = app(&path);
+        let mut db = Db::new(crate::config::db_from_args(&path, Vec::new()));
+        db.sync().unwrap();
+        app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+            .unwrap();
+        db.sync().unwrap();
+        let old = db.position().unwrap();
+        db.checkpoint(CheckpointMode::Passive).unwrap();
+        let now = db.position().unwrap();
+        assert_eq!(now.pos.index, old.pos.index + 1, "the checkpoint restarts the WAL");
+        assert_eq!(db.publishable(false).unwrap().pos, old.pos);
+        assert_eq!(db.publishable(true), Some(now.clone()));
+
+        app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+            .unwrap();
+        db.sync().unwrap();
+        let next = db.position().unwrap();
+        assert!(next.pos > now.pos, "{next:?} after {now:?}");
+        assert_eq!(db.publishable(false), Some(next));
+    }
 }
