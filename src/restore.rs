@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use rusqlite::Connection;
 
 use crate::config::DbConfig;
@@ -311,23 +311,9 @@ pub async fn restore(
         source,
     };
 
-    let compressed = temp.side(".lz4");
-    replica
-        .get_snapshot_to_file(&plan.generation, plan.snapshot.index, &compressed)
-        .await
-        .map_err(storage)?;
-    let snapshot_key = format::snapshot_key("", &plan.generation, plan.snapshot.index);
-    {
-        let (src, dst) = (compressed.clone(), temp.db.clone());
-        tokio::task::spawn_blocking(move || decompress_file(&src, &dst, &snapshot_key))
-            .await
-            .expect("decompress task panicked")?;
-    }
-    fs::remove_file(&compressed).map_err(io_err(&compressed))?;
-
     let parallelism = opts.parallelism.max(1);
     let generation = plan.generation.clone();
-    let mut fetched = stream::iter(plan.segments.iter().cloned())
+    let fetched = stream::iter(plan.segments.iter().cloned())
         .map(|s| {
             let generation = generation.clone();
             async move {
@@ -344,49 +330,84 @@ pub async fn restore(
             }
         })
         .buffered(parallelism);
+    // Segments are fetched while the snapshot is downloaded and decompressed: one item waits
+    // in the channel beyond the `parallelism` in flight, so memory stays bounded.
+    let (ready, mut segments) = tokio::sync::mpsc::channel(1);
+    let fetch = async move {
+        let mut fetched = std::pin::pin!(fetched);
+        while let Some(item) = fetched.next().await {
+            let failed = item.is_err();
+            if ready.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    };
+    let apply = async {
+        let started = std::time::Instant::now();
+        let compressed = temp.side(".lz4");
+        replica
+            .get_snapshot_to_file(&plan.generation, plan.snapshot.index, &compressed)
+            .await
+            .map_err(storage)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "snapshot downloaded");
+        let snapshot_key = format::snapshot_key("", &plan.generation, plan.snapshot.index);
+        {
+            let (src, dst) = (compressed.clone(), temp.db.clone());
+            tokio::task::spawn_blocking(move || decompress_file(&src, &dst, &snapshot_key))
+                .await
+                .expect("decompress task panicked")?;
+        }
+        fs::remove_file(&compressed).map_err(io_err(&compressed))?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "snapshot decompressed");
 
-    let wal_path = temp.side("-wal");
-    let mut current: Option<(u32, File, u64)> = None;
-    let mut applied = 0usize;
-    while let Some((pos, raw)) = fetched.try_next().await? {
-        if current.as_ref().is_some_and(|(i, _, _)| *i != pos.index) {
-            let (index, file, _) = current.take().expect("checked above");
+        let wal_path = temp.side("-wal");
+        let mut current: Option<(u32, File, u64)> = None;
+        let mut applied = 0usize;
+        while let Some(item) = segments.recv().await {
+            let (pos, raw) = item?;
+            if current.as_ref().is_some_and(|(i, _, _)| *i != pos.index) {
+                let (index, file, _) = current.take().expect("checked above");
+                drop(file);
+                apply_wal(&temp.db, index).await?;
+            }
+            if current.is_none() {
+                let f = File::create(&wal_path).map_err(io_err(&wal_path))?;
+                current = Some((pos.index, f, 0));
+            }
+            let (_, file, end) = current.as_mut().expect("set above");
+            if pos.offset != *end {
+                return Err(RestoreError::Gap {
+                    generation: plan.generation.clone(),
+                    message: format!(
+                        "segment {:08x}_{:08x} does not follow the previous one, which ends at {:08x}",
+                        pos.index, pos.offset, end
+                    ),
+                });
+            }
+            let raw = match opts.until {
+                Some(u) if u.index == pos.index && pos.offset + raw.len() as u64 > u.offset => {
+                    &raw[..(u.offset - pos.offset) as usize]
+                }
+                _ => &raw[..],
+            };
+            file.write_all(raw).map_err(io_err(&wal_path))?;
+            *end += raw.len() as u64;
+            applied += 1;
+        }
+        let mut position = Pos {
+            index: plan.snapshot.index,
+            offset: 0,
+        };
+        if let Some((index, file, end)) = current.take() {
             drop(file);
             apply_wal(&temp.db, index).await?;
+            position = Pos { index, offset: end };
         }
-        if current.is_none() {
-            let f = File::create(&wal_path).map_err(io_err(&wal_path))?;
-            current = Some((pos.index, f, 0));
-        }
-        let (_, file, end) = current.as_mut().expect("set above");
-        if pos.offset != *end {
-            return Err(RestoreError::Gap {
-                generation: plan.generation.clone(),
-                message: format!(
-                    "segment {:08x}_{:08x} does not follow the previous one, which ends at {:08x}",
-                    pos.index, pos.offset, end
-                ),
-            });
-        }
-        let raw = match opts.until {
-            Some(u) if u.index == pos.index && pos.offset + raw.len() as u64 > u.offset => {
-                &raw[..(u.offset - pos.offset) as usize]
-            }
-            _ => &raw[..],
-        };
-        file.write_all(raw).map_err(io_err(&wal_path))?;
-        *end += raw.len() as u64;
-        applied += 1;
-    }
-    let mut position = Pos {
-        index: plan.snapshot.index,
-        offset: 0,
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "wal applied");
+        Ok::<_, RestoreError>((applied, position))
     };
-    if let Some((index, file, end)) = current.take() {
-        drop(file);
-        apply_wal(&temp.db, index).await?;
-        position = Pos { index, offset: end };
-    }
+    let (applied, ()) = futures::join!(apply, fetch);
+    let (applied, position) = applied?;
 
     let db = temp.db.clone();
     let out = output.clone();
@@ -403,15 +424,21 @@ pub async fn restore(
     })
 }
 
+/// Buffer size for reading the compressed snapshot and writing the database.
+const COPY_BUF: usize = 1 << 20;
+
 fn decompress_file(src: &Path, dst: &Path, key: &str) -> Result<(), RestoreError> {
     let input = File::open(src).map_err(io_err(src))?;
-    let mut out = OpenOptions::new()
+    let out = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)
         .map_err(io_err(dst))?;
-    let mut reader = format::lz4_decoder(std::io::BufReader::new(input));
+    let mut reader = format::lz4_decoder(std::io::BufReader::with_capacity(COPY_BUF, input));
+    // Through a large buffer: `io::copy`'s 8 KiB one meant a write call per 8 KiB of a
+    // database that can be gigabytes.
+    let mut out = std::io::BufWriter::with_capacity(COPY_BUF, out);
     std::io::copy(&mut reader, &mut out).map_err(|e| {
         match e
             .get_ref()
@@ -431,6 +458,7 @@ fn decompress_file(src: &Path, dst: &Path, key: &str) -> Result<(), RestoreError
             None => io_err(dst)(e),
         }
     })?;
+    out.flush().map_err(io_err(dst))?;
     Ok(())
 }
 
@@ -441,6 +469,9 @@ async fn apply_wal(db: &Path, index: u32) -> Result<(), RestoreError> {
     tokio::task::spawn_blocking(move || {
         let err = |source| RestoreError::Apply { index, source };
         let conn = Connection::open(&db).map_err(err)?;
+        // The file is a temporary that `finish` fsyncs once before it is renamed into place;
+        // SQLite's own syncs at each checkpoint only cost time.
+        conn.execute_batch("PRAGMA synchronous=OFF").map_err(err)?;
         let busy: i64 = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
             .map_err(err)?;
@@ -459,9 +490,15 @@ async fn apply_wal(db: &Path, index: u32) -> Result<(), RestoreError> {
     .expect("apply task panicked")
 }
 
-/// Checks, syncs and moves the result into place without replacing an existing file.
+/// Checks, syncs and moves the result into place without replacing an existing file. The fsync
+/// runs while `integrity_check` reads: the check reads from the page cache and the flush
+/// writes it back, so neither waits for the other.
 fn finish(db: &Path, output: &Path) -> Result<(), RestoreError> {
-    {
+    let synced = {
+        let file = File::open(db).map_err(io_err(db))?;
+        std::thread::spawn(move || file.sync_all())
+    };
+    let checked = (|| {
         let conn =
             Connection::open(db).map_err(|source| RestoreError::Apply { index: 0, source })?;
         let result: String = conn
@@ -470,10 +507,12 @@ fn finish(db: &Path, output: &Path) -> Result<(), RestoreError> {
         if result != "ok" {
             return Err(RestoreError::Integrity(result));
         }
-    }
-    File::open(db)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(db))?;
+        tracing::debug!("integrity_check ok");
+        Ok(())
+    })();
+    let synced = synced.join().expect("fsync thread panicked");
+    checked?;
+    synced.map_err(io_err(db))?;
     nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         db,

@@ -243,9 +243,7 @@ impl ObjectStore for FileStore {
         blocking(move || {
             let mut input = open_object(&path, &key)?;
             let mut output = fs::File::create(&dest).map_err(io_err("create", &dest))?;
-            let n = io::copy(&mut input, &mut output).map_err(io_err("write", &dest))?;
-            output.sync_all().map_err(io_err("fsync", &dest))?;
-            Ok(n)
+            io::copy(&mut input, &mut output).map_err(io_err("write", &dest))
         })
         .await
     }

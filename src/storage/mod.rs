@@ -180,7 +180,8 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 
     /// Streams the object into `dest` (created or truncated) with bounded memory and returns the
-    /// number of bytes written.
+    /// number of bytes written. Not fsynced: the copy is a scratch input (a snapshot about to be
+    /// decompressed), and flushing hundreds of megabytes to disk first made restores slower.
     async fn get_to_file(&self, key: &str, dest: &std::path::Path) -> Result<u64, StorageError>;
 
     /// Deletes the keys; keys that do not exist are not an error.

@@ -460,7 +460,6 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.error(e, Some(key)))?;
         file.flush().await.map_err(|e| dest_err("write", e))?;
-        file.sync_all().await.map_err(|e| dest_err("fsync", e))?;
         let meta = file.metadata().await.map_err(|e| dest_err("stat", e))?;
         Ok(meta.len())
     }
