@@ -268,7 +268,6 @@ pub fn lz4_encoder_with_blocks<W: Write>(w: W, block: usize) -> Lz4Encoder<W> {
         header_written: false,
         block_size: block.clamp(1, MAX_BLOCK),
         block: Vec::new(),
-        out: Vec::new(),
         hasher: XxHash32::with_seed(0),
     }
 }
@@ -280,7 +279,6 @@ pub struct Lz4Encoder<W: Write> {
     header_written: bool,
     block_size: usize,
     block: Vec<u8>,
-    out: Vec<u8>,
     hasher: XxHash32,
 }
 
@@ -293,29 +291,33 @@ impl<W: Write> Lz4Encoder<W> {
         Ok(())
     }
 
-    /// Compresses the pending block; one that does not shrink is stored as it is (the high
-    /// bit of its size says so), as LZ4 writers do.
+    /// Compresses the pending block; see [`Lz4Encoder::emit`].
     fn emit_block(&mut self) -> io::Result<()> {
         if self.block.is_empty() {
             return Ok(());
         }
-        self.write_header()?;
-        self.out.resize(
-            lz4_flex::block::get_maximum_output_size(self.block.len()),
-            0,
-        );
-        let n =
-            lz4_flex::block::compress_into(&self.block, &mut self.out).map_err(io::Error::other)?;
-        if n < self.block.len() {
-            self.w.write_all(&(n as u32).to_le_bytes())?;
-            self.w.write_all(&self.out[..n])?;
-        } else {
-            let raw = self.block.len() as u32 | 0x8000_0000;
-            self.w.write_all(&raw.to_le_bytes())?;
-            self.w.write_all(&self.block)?;
-        }
+        let block = std::mem::take(&mut self.block);
+        self.emit(&block)?;
+        self.block = block;
         self.block.clear();
         Ok(())
+    }
+
+    /// Writes `data` as one block; one that does not shrink is stored as it is (the high bit
+    /// of its size says so), as LZ4 writers do.
+    fn emit(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_header()?;
+        // `compress` fills a fresh buffer without zeroing it first; a reused, zero-filled
+        // output buffer of the block's worst-case size showed up as memset in profiles.
+        let packed = lz4_flex::block::compress(data);
+        if packed.len() < data.len() {
+            self.w.write_all(&(packed.len() as u32).to_le_bytes())?;
+            self.w.write_all(&packed)
+        } else {
+            let raw = data.len() as u32 | 0x8000_0000;
+            self.w.write_all(&raw.to_le_bytes())?;
+            self.w.write_all(data)
+        }
     }
 
     /// Writes the last block, the end mark and the content checksum, and hands back the writer.
@@ -332,7 +334,15 @@ impl<W: Write> Lz4Encoder<W> {
 }
 
 impl<W: Write> Write for Lz4Encoder<W> {
+    /// A write of at least a whole block while none is pending is compressed straight from
+    /// `buf`, without copying it into the block buffer first.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.block.is_empty() && buf.len() >= self.block_size {
+            let whole = &buf[..self.block_size];
+            self.hasher.write(whole);
+            self.emit(whole)?;
+            return Ok(whole.len());
+        }
         let n = buf.len().min(self.block_size - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
         self.hasher.write(&buf[..n]);
@@ -635,6 +645,23 @@ mod tests {
 
     const MIB: usize = 1024 * 1024;
     const HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
+
+    #[test]
+    fn whole_block_writes_encode_exactly_like_small_writes() {
+        let mut input = data(3 * MIB + 12345, true);
+        input.extend(data(MIB, false));
+        let encode = |piece: usize| {
+            let mut e = lz4_encoder_with_blocks(Vec::new(), MIB);
+            for chunk in input.chunks(piece) {
+                e.write_all(chunk).unwrap();
+            }
+            e.finish().unwrap()
+        };
+        let whole = encode(input.len());
+        assert_eq!(whole, encode(1000));
+        assert_eq!(whole, encode(MIB));
+        assert_eq!(decompress(&whole).unwrap(), input);
+    }
 
     /// Deterministic data: `compressible` repeats short text, otherwise xorshift noise that LZ4
     /// cannot shrink.
