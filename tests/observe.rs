@@ -17,9 +17,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
-use rusqlite::Connection;
 use serde_json::Value;
-use support::{ChildGuard, S3Server, dump, integrity_check, shared_s3, test_env, walden_bin};
+use support::{
+    ChildGuard, S3Server, app_writer, dump, integrity_check, row_count, shared_s3, test_env,
+    walden_bin,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -121,29 +123,11 @@ fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Optio
 
 /// A database in WAL mode with a table `t` and a few rows.
 fn create_db(db: &Path) {
-    let conn = open_writer(db);
+    let conn = app_writer(db);
     for _ in 0..20 {
         conn.execute("INSERT INTO t (v) VALUES (randomblob(200))", [])
             .unwrap();
     }
-}
-
-fn open_writer(db: &Path) -> Connection {
-    let conn = Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
-        "PRAGMA journal_mode=wal; PRAGMA synchronous=NORMAL;
-         CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB);",
-    )
-    .unwrap();
-    conn
-}
-
-fn count(db: &Path) -> u64 {
-    Connection::open(db)
-        .unwrap()
-        .query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
-        .unwrap() as u64
 }
 
 /// A thread inserting one row every 50 ms, like an application, until `finish`.
@@ -160,7 +144,7 @@ impl Writer {
         let db = db.to_path_buf();
         let (stop2, rows2) = (stop.clone(), rows.clone());
         let handle = thread::spawn(move || {
-            let conn = open_writer(&db);
+            let conn = app_writer(&db);
             while !stop2.load(Ordering::SeqCst) {
                 conn.execute("INSERT INTO t (v) VALUES (randomblob(200))", [])
                     .expect("insert a row");
@@ -729,7 +713,7 @@ fn an_outage_turns_health_red_with_its_cause_and_green_again_without_losing_a_ro
     w.stop();
     let out = work.path().join("restored.db");
     restore(&cfg, &s3, &db, &out);
-    assert_eq!(count(&out), 20 + written);
+    assert_eq!(row_count(&out) as u64, 20 + written);
     assert_eq!(
         dump(&out),
         dump(&db),

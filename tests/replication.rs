@@ -10,31 +10,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use rusqlite::Connection;
-use support::{ChildGuard, S3Server, dump, integrity_check, shared_s3, test_env, walden_bin};
-
-fn writer(db: &Path) -> Connection {
-    let conn = Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
-        "PRAGMA journal_mode=wal; PRAGMA synchronous=NORMAL;
-         CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB);",
-    )
-    .unwrap();
-    conn
-}
+use support::{
+    ChildGuard, S3Server, app_writer, dump, integrity_check, row_count, shared_s3, test_env,
+    walden_bin,
+};
 
 fn insert(conn: &Connection, n: usize) {
     for _ in 0..n {
         conn.execute("INSERT INTO t (v) VALUES (randomblob(200))", [])
             .unwrap();
     }
-}
-
-fn count(db: &Path) -> i64 {
-    Connection::open(db)
-        .unwrap()
-        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-        .unwrap()
 }
 
 /// The environment for walden, with `AWS_CA_BUNDLE` back when the machine sets it: Walden must
@@ -120,7 +105,7 @@ fn several_databases_with_several_replicas_replicate_concurrently() {
     }
     let cfg = work.path().join("walden.yml");
     std::fs::write(&cfg, config).unwrap();
-    let conns: Vec<Connection> = dbs.iter().map(|db| writer(db)).collect();
+    let conns: Vec<Connection> = dbs.iter().map(|db| app_writer(db)).collect();
     let log = work.path().join("walden.log");
     let walden = start(&cfg, s3, &log);
     for round in 0..5 {
@@ -164,7 +149,7 @@ fn final_sync_leaves_nothing_behind_when_a_snapshot_is_due() {
     )
     .unwrap();
     let s3 = shared_s3();
-    let conn = writer(&db);
+    let conn = app_writer(&db);
     for round in 0..3 {
         let log = work.path().join(format!("walden-{round}.log"));
         let walden = start(&cfg, s3, &log);
@@ -197,7 +182,7 @@ fn an_s3_outage_loses_no_transaction() {
         ),
     )
     .unwrap();
-    let conn = writer(&db);
+    let conn = app_writer(&db);
     insert(&conn, 50);
     let log = work.path().join("walden.log");
     let mut walden = start(&cfg, &s3, &log);
@@ -221,7 +206,7 @@ fn an_s3_outage_loses_no_transaction() {
     stop(walden, &log);
     let out = work.path().join("restored.db");
     restore(&cfg, &s3, &db, &out, &[]);
-    assert_eq!(count(&out), 175);
+    assert_eq!(row_count(&out), 175);
     assert_eq!(dump(&out), dump(&db));
 }
 
@@ -253,14 +238,14 @@ fn retention_deletes_old_objects_but_keeps_the_window_restorable() {
         ),
     )
     .unwrap();
-    let conn = writer(&db);
+    let conn = app_writer(&db);
     let log = work.path().join("walden.log");
     let walden = start(&cfg, s3, &log);
     let started = Instant::now();
     let mut history: Vec<(SystemTime, i64)> = Vec::new();
     while started.elapsed() < Duration::from_secs(12) {
         insert(&conn, 10);
-        history.push((SystemTime::now(), count(&db)));
+        history.push((SystemTime::now(), row_count(&db)));
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -297,7 +282,7 @@ fn retention_deletes_old_objects_but_keeps_the_window_restorable() {
                 .rfind(|(w, _)| *w <= when)
                 .map_or(0, |(_, c)| *c)
         };
-        let got = count(&out);
+        let got = row_count(&out);
         let (low, high) = (at(t - Duration::from_secs(2)), at(t));
         assert!(
             low <= got && got <= high,

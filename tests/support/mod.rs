@@ -962,3 +962,23 @@ pub fn expect_success(what: &str, out: &Output) -> String {
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// An application's connection to `db`: WAL, `synchronous=NORMAL`, and the table `t (id, v)`
+/// the replication tests write rows into.
+pub fn app_writer(db: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).expect("open application db");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode=wal; PRAGMA synchronous=NORMAL;
+         CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB);",
+    )
+    .expect("set up application db");
+    conn
+}
+
+/// Rows in the table `t` of `db`.
+pub fn row_count(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+        .unwrap_or_else(|e| panic!("count rows of {}: {e}", db.display()))
+}
