@@ -433,11 +433,16 @@ impl Db {
     pub fn sync(&mut self) -> Result<SyncReport, DbError> {
         let mut report = SyncReport::default();
         self.seq_only_after = None;
+        let was_open = self.conn.is_some();
         if !self.open()? {
             return Ok(report);
         }
+        if !was_open {
+            self.release_memory();
+        }
         if self.wal_size() < WAL_HEADER_SIZE as u64 {
             self.bump_seq()?;
+            self.release_memory();
         }
         let orig_wal = wal::align(self.wal_size(), self.page_size);
         report.bytes_copied = self.copy(&mut report)?;
@@ -706,7 +711,19 @@ impl Db {
                 .as_ref()
                 .is_some_and(|s| s.index == end.index + 1 && s.size == seq_only)
         });
+        self.release_memory();
         result.and(locked)
+    }
+
+    /// Frees the pages SQLite cached in both connections. Walden reads the WAL itself and uses
+    /// SQLite only at open, checkpoints and snapshots, so a cache would only hold memory: about
+    /// 12 KB per database, 12 MB of 186 with a thousand databases.
+    fn release_memory(&self) {
+        for conn in [&self.conn, &self.reader].into_iter().flatten() {
+            if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+                tracing::debug!(db = %self.cfg.path.display(), error = %e, "shrink_memory failed");
+            }
+        }
     }
 
     fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64), DbError> {
@@ -775,6 +792,7 @@ impl Db {
         self.restart_expected = false;
         self.end_read()?;
         self.begin_read()?;
+        self.release_memory();
         outcome
     }
 
