@@ -104,7 +104,8 @@ pub async fn serve(
     views: Vec<DbView>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let views: Views = std::sync::Arc::new(views);
+    // One router for every listener: a thousand databases mean a thousand sockets.
+    let app = router(std::sync::Arc::new(views));
     if let Some(addr) = addr {
         let bind = listen_addr(addr);
         let listener = tokio::net::TcpListener::bind(&bind)
@@ -114,7 +115,7 @@ pub async fn serve(
                 source,
             })?;
         tracing::info!(addr = %bind, "serving /health and /metrics");
-        let app = router(views.clone());
+        let app = app.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -138,7 +139,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let app = router(views.clone());
+        let app = app.clone();
         let stop = shutdown.clone();
         let cleanup = path.clone();
         tokio::spawn(async move {
