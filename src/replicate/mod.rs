@@ -656,13 +656,18 @@ impl Uploader {
         let mut next_retention = tokio::time::Instant::now() + retention_every;
         let mut failures = 0u32;
         // Woken by the database task's publications rather than a free-running timer, so new
-        // data goes up right after it is copied (at most once per sync-interval): two timers
-        // out of phase would let data wait nearly two intervals.
+        // data goes up right after it is copied: two timers out of phase would let data wait
+        // nearly two intervals. The rate limit is three quarters of sync-interval, not all of
+        // it: with a full interval every wake was due one interval after the previous wake, so
+        // wakes drifted later than the publications (about 1 ms a second here) and a sync
+        // that ran late (a slow PUT) delayed every later one as much, for the rest of the run;
+        // with the slack, the next wake falls back onto a publication.
         let mut published = self.status.clone();
+        let pause = interval * 3 / 4;
         let mut last = tokio::time::Instant::now() - interval;
         loop {
             let mut reply = None;
-            let due = last + interval;
+            let due = last + pause;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 tx = flushes.recv() => match tx {
