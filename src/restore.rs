@@ -349,7 +349,10 @@ pub async fn restore(
             .get_snapshot_to_file(&plan.generation, plan.snapshot.index, &compressed)
             .await
             .map_err(storage)?;
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "snapshot downloaded");
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot downloaded"
+        );
         let snapshot_key = format::snapshot_key("", &plan.generation, plan.snapshot.index);
         {
             let (src, dst) = (compressed.clone(), temp.db.clone());
@@ -358,7 +361,10 @@ pub async fn restore(
                 .expect("decompress task panicked")?;
         }
         fs::remove_file(&compressed).map_err(io_err(&compressed))?;
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "snapshot decompressed");
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot decompressed"
+        );
 
         let wal_path = temp.side("-wal");
         let mut current: Option<(u32, File, u64)> = None;
@@ -403,7 +409,10 @@ pub async fn restore(
             apply_wal(&temp.db, index).await?;
             position = Pos { index, offset: end };
         }
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "wal applied");
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "wal applied"
+        );
         Ok::<_, RestoreError>((applied, position))
     };
     let (applied, ()) = futures::join!(apply, fetch);

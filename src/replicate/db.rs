@@ -1032,7 +1032,11 @@ mod tests {
         let old = db.position().unwrap();
         db.checkpoint(CheckpointMode::Passive).unwrap();
         let now = db.position().unwrap();
-        assert_eq!(now.pos.index, old.pos.index + 1, "the checkpoint restarts the WAL");
+        assert_eq!(
+            now.pos.index,
+            old.pos.index + 1,
+            "the checkpoint restarts the WAL"
+        );
         assert_eq!(db.publishable(false).unwrap().pos, old.pos);
         assert_eq!(db.publishable(true), Some(now.clone()));
 

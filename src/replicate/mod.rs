@@ -127,7 +127,10 @@ impl ReplicaHealth {
 enum DbCommand {
     Snapshot,
     Verify(oneshot::Sender<Vec<Verdict>>),
-    SnapshotUploaded { replica: usize, index: u32 },
+    SnapshotUploaded {
+        replica: usize,
+        index: u32,
+    },
     /// Copies and publishes; with `last` set the task stops working on its own afterwards.
     Sync {
         reply: oneshot::Sender<Result<(), String>>,
@@ -429,7 +432,12 @@ async fn run_db(
         let started = std::time::Instant::now();
         let result = blocking(&db, move |db| {
             let report = db.sync()?;
-            Ok::<_, DbError>((report, db.publishable(closing), db.page_size(), db.wal_size()))
+            Ok::<_, DbError>((
+                report,
+                db.publishable(closing),
+                db.page_size(),
+                db.wal_size(),
+            ))
         })
         .await;
         let m = metrics();
