@@ -90,6 +90,22 @@ fn file_replica(name: &str, dir: &Path, extra: &str) -> String {
     )
 }
 
+/// Writes the config of one database, `app.db` in `work`, with `settings` (lines of its entry)
+/// and `replicas`; returns the database's and the config's paths.
+fn one_db_config(work: &Path, settings: &str, replicas: &str) -> (PathBuf, PathBuf) {
+    let db = work.join("app.db");
+    let cfg = work.join("walden.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n{settings}    replicas:\n{replicas}",
+            db.display()
+        ),
+    )
+    .unwrap();
+    (db, cfg)
+}
+
 #[test]
 fn several_databases_with_several_replicas_replicate_concurrently() {
     let s3 = shared_s3();
@@ -135,19 +151,15 @@ fn several_databases_with_several_replicas_replicate_concurrently() {
 #[test]
 fn final_sync_leaves_nothing_behind_when_a_snapshot_is_due() {
     let work = tempfile::tempdir().unwrap();
-    let db = work.path().join("app.db");
-    let cfg = work.path().join("walden.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    monitor-interval: 20ms\n    replicas:\n      \
-             - type: file\n        path: {}\n        sync-interval: 200ms\n        \
-             snapshot-interval: 10ms\n",
-            db.display(),
-            work.path().join("replica").display()
+    let (db, cfg) = one_db_config(
+        work.path(),
+        "    monitor-interval: 20ms\n",
+        &file_replica(
+            "backup",
+            &work.path().join("replica"),
+            "        snapshot-interval: 10ms\n",
         ),
-    )
-    .unwrap();
+    );
     let s3 = shared_s3();
     let conn = app_writer(&db);
     for round in 0..3 {
@@ -171,17 +183,11 @@ fn final_sync_leaves_nothing_behind_when_a_snapshot_is_due() {
 fn an_s3_outage_loses_no_transaction() {
     let mut s3 = S3Server::start();
     let work = tempfile::tempdir().unwrap();
-    let db = work.path().join("app.db");
-    let cfg = work.path().join("walden.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    replicas:\n{}",
-            db.display(),
-            s3_replica(&s3, "s3", &s3.prefix("outage"), "")
-        ),
-    )
-    .unwrap();
+    let (db, cfg) = one_db_config(
+        work.path(),
+        "",
+        &s3_replica(&s3, "s3", &s3.prefix("outage"), ""),
+    );
     let conn = app_writer(&db);
     insert(&conn, 50);
     let log = work.path().join("walden.log");
@@ -222,22 +228,16 @@ fn rfc3339(t: SystemTime) -> String {
 fn retention_deletes_old_objects_but_keeps_the_window_restorable() {
     let s3 = shared_s3();
     let work = tempfile::tempdir().unwrap();
-    let db = work.path().join("app.db");
     let files = work.path().join("replica");
-    let cfg = work.path().join("walden.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 20\n    replicas:\n{}",
-            db.display(),
-            file_replica(
-                "backup",
-                &files,
-                "        snapshot-interval: 1s\n        retention: 4s\n        retention-check-interval: 1s\n"
-            )
+    let (db, cfg) = one_db_config(
+        work.path(),
+        "    min-checkpoint-page-count: 20\n",
+        &file_replica(
+            "backup",
+            &files,
+            "        snapshot-interval: 1s\n        retention: 4s\n        retention-check-interval: 1s\n",
         ),
-    )
-    .unwrap();
+    );
     let conn = app_writer(&db);
     let log = work.path().join("walden.log");
     let walden = start(&cfg, s3, &log);

@@ -437,12 +437,10 @@ impl Db {
         if !self.open()? {
             return Ok(report);
         }
-        if !was_open {
-            self.release_memory();
-        }
+        let mut used_sqlite = !was_open;
         if self.wal_size() < WAL_HEADER_SIZE as u64 {
             self.bump_seq()?;
-            self.release_memory();
+            used_sqlite = true;
         }
         let orig_wal = wal::align(self.wal_size(), self.page_size);
         report.bytes_copied = self.copy(&mut report)?;
@@ -450,6 +448,10 @@ impl Db {
             let started = std::time::Instant::now();
             let result = self.checkpoint(mode).map_err(|e| e.to_string());
             report.checkpoint = Some((mode, result, started.elapsed()));
+            used_sqlite = true;
+        }
+        if used_sqlite {
+            self.release_memory();
         }
         Ok(report)
     }
@@ -711,7 +713,6 @@ impl Db {
                 .as_ref()
                 .is_some_and(|s| s.index == end.index + 1 && s.size == seq_only)
         });
-        self.release_memory();
         result.and(locked)
     }
 
