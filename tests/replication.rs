@@ -1,6 +1,7 @@
 //! Replication behaviour that is Walden's own rather than a format question: several databases
-//! with several replicas in one process, surviving an S3 outage without losing a transaction,
-//! and retention that keeps every point inside its window restorable.
+//! with several replicas in one process, a writer that never pauses, surviving an S3 outage
+//! without losing a transaction, and retention that keeps every point inside its window
+//! restorable.
 
 mod support;
 
@@ -175,6 +176,71 @@ fn final_sync_leaves_nothing_behind_when_a_snapshot_is_due() {
         restore(&cfg, s3, &db, &out, &[]);
         assert_eq!(dump(&out), dump(&db), "round {round}");
     }
+}
+
+/// A writer committing one-row transactions without pause for a few seconds, with a WAL limit
+/// low enough that TRUNCATE checkpoints happen. Frames committed between the replicator's last
+/// copy and its checkpoint used to be backfilled and then lost from the WAL, which started a
+/// new generation (a full snapshot) at such checkpoints, and Walden's own TRUNCATE was taken
+/// for another process's. Now the replica keeps one generation and restores every row, and
+/// the WAL file is cut back below the limit.
+#[test]
+fn a_busy_writer_keeps_one_generation() {
+    let work = tempfile::tempdir().unwrap();
+    let limit: u64 = 8 << 20;
+    let replica = work.path().join("replica");
+    let (db, cfg) = one_db_config(
+        work.path(),
+        &format!("    monitor-interval: 200ms\n    truncate-wal-bytes: {limit}\n"),
+        &file_replica("backup", &replica, ""),
+    );
+    let wal_size = || {
+        std::fs::metadata(db.with_extension("db-wal"))
+            .unwrap()
+            .len()
+    };
+    let s3 = shared_s3();
+    let conn = app_writer(&db);
+    let log = work.path().join("walden.log");
+    let walden = start(&cfg, s3, &log);
+    std::thread::sleep(Duration::from_millis(500));
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut rows = 0;
+    let mut wal_peak = 0;
+    while Instant::now() < end {
+        conn.execute("INSERT INTO t (v) VALUES (randomblob(16))", [])
+            .unwrap();
+        rows += 1;
+        if rows % 10 == 0 {
+            // At most 10,000 transactions a second: the test binary is a debug build, and a
+            // WAL growing faster than it can copy would only test its speed.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if rows % 1000 == 0 {
+            wal_peak = wal_peak.max(wal_size());
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let wal_after = wal_size();
+    stop(walden, &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let generations = std::fs::read_dir(replica.join("generations"))
+        .unwrap()
+        .count();
+    assert_eq!(generations, 1, "{rows} rows written\n--- log ---\n{text}");
+    assert!(
+        wal_peak > limit,
+        "the writer never filled the WAL past the limit ({wal_peak} bytes, {rows} rows)"
+    );
+    // Only Walden's TRUNCATE cuts the file: the application sets no journal_size_limit.
+    assert!(
+        wal_after < limit,
+        "WAL still {wal_after} bytes after the writer stopped\n--- log ---\n{text}"
+    );
+    let out = work.path().join("restored.db");
+    restore(&cfg, s3, &db, &out, &[]);
+    assert_eq!(row_count(&out), rows);
+    assert_eq!(dump(&out), dump(&db));
 }
 
 /// Uploads fail while the server is down; the replicator keeps running, keeps the frames, and

@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -53,6 +53,27 @@ pub enum DbError {
     /// The database was busy; the operation is retried on a later tick.
     #[error("{0}")]
     Busy(String),
+}
+
+/// Copies before a checkpoint takes the write lock: until one finds less than
+/// `PRE_COPY_ENOUGH` new bytes, at most `PRE_COPY_PASSES` of them. A writer running flat out
+/// commits tens of megabytes during the copy of one tick's frames, and each pass is shorter.
+const PRE_COPY_PASSES: usize = 3;
+const PRE_COPY_ENOUGH: u64 = 1 << 20;
+
+/// Pause between attempts to take the write lock.
+const LOCK_POLL: Duration = Duration::from_micros(200);
+
+/// Pause between backfill attempts while another connection checkpoints. The write lock is
+/// held meanwhile, so the application waits for the end of that checkpoint plus this.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(1);
+
+/// How far a drain of the WAL got.
+enum Drained {
+    /// Every frame is in the database; the WAL header as it was under the write lock.
+    Full(Option<WalHeader>),
+    /// Other readers held part of the WAL back.
+    Partial,
 }
 
 /// Checkpoint modes, named as SQLite names them.
@@ -309,6 +330,16 @@ impl Db {
             .map_err(self.sqlite_err("begin read transaction"))
     }
 
+    /// Moves the reader off read slot 0 once the WAL has restarted. With no reader holding a
+    /// mark, every auto-checkpoint the application attempts after a commit first sorts all
+    /// frames not yet backfilled, then finds slot 0 taken and gives up: that grew with the
+    /// WAL and cut a writer running flat out to a third of its rate. A mark makes the
+    /// attempt return at once once the frames below it are backfilled.
+    fn reread(&self) -> Result<(), DbError> {
+        self.end_read()?;
+        self.begin_read()
+    }
+
     fn end_read(&self) -> Result<(), DbError> {
         let r = self.reader();
         if !r.is_autocommit() {
@@ -491,13 +522,14 @@ impl Db {
         if meta.len() < WAL_HEADER_SIZE as u64 {
             return (Some("short shadow wal"), false);
         }
-        let real_size = wal::align(self.wal_size(), self.page_size);
-        if real_size < s.size {
-            return (Some("wal truncated by another process"), false);
-        }
+        // Our own checkpoint may have restarted the WAL and cut the file down (TRUNCATE).
         let restart = self.read_real_header() != Some(s.header);
         if restart && self.restart_expected {
             return (None, true);
+        }
+        let real_size = wal::align(self.wal_size(), self.page_size);
+        if real_size < s.size {
+            return (Some("wal truncated by another process"), false);
         }
         if s.size == WAL_HEADER_SIZE as u64 {
             if restart {
@@ -687,25 +719,32 @@ impl Db {
         None
     }
 
-    /// Runs a checkpoint of ours: everything is copied first, and if SQLite restarts the WAL
-    /// the old frames are all in the shadow before the new ones arrive, because the restart is
-    /// forced while we hold the write lock.
+    /// Runs a checkpoint of ours and, when the WAL was fully backfilled, restarts it with a
+    /// write of ours.
+    ///
+    /// Copy and backfill happen under one hold of the write lock (see `drain_wal`): a frame
+    /// committed between a copy and a checkpoint is backfilled and can then be overwritten or
+    /// cut off before any copy sees it, and the generation has to start over. With a writer
+    /// committing 45,000 one-row transactions a second, SQLite's own RESTART lost the
+    /// checkpoint lock to the writer's auto-checkpoint at every attempt, the WAL passed a
+    /// gigabyte, and the TRUNCATE forced then cut off uncopied frames: a new generation and a
+    /// full snapshot. The modes now differ only in whether a backfill that other readers cut
+    /// short is retried, and in TRUNCATE shrinking the WAL file when the restarting write is
+    /// ours.
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<(), DbError> {
-        self.copy_frames()?;
-        self.end_read()?;
-        let result = self.run_checkpoint(mode);
-        let locked = self.with_write_lock(|db| {
-            let mut report = SyncReport::default();
-            db.copy(&mut report)?;
-            db.restart_expected = true;
-            db.bump_seq()
-        });
+        let drained = self.drain_wal(mode != CheckpointMode::Passive)?;
         // Every frame of the old index was copied under the write lock.
         let old_end = self.position().map(|p| p.pos);
-        self.begin_read()?;
+        let restarted = match drained {
+            Drained::Full(_) => self
+                .restart_wal(mode == CheckpointMode::Truncate)
+                .and_then(|()| self.reread()),
+            Drained::Partial => Ok(()),
+        };
         let mut report = SyncReport::default();
         let copied = self.copy(&mut report);
         self.restart_expected = false;
+        restarted?;
         copied?;
         let seq_only = WAL_HEADER_SIZE as u64 + wal::frame_size(self.page_size);
         self.seq_only_after = old_end.filter(|end| {
@@ -713,7 +752,92 @@ impl Db {
                 .as_ref()
                 .is_some_and(|s| s.index == end.index + 1 && s.size == seq_only)
         });
-        result.and(locked)
+        Ok(())
+    }
+
+    /// Copies every committed frame and backfills the WAL into the database while holding the
+    /// write lock, so nothing commits in between. The application waits meanwhile, so most
+    /// frames are copied before the lock is taken. When the backfill is complete, the reader
+    /// begins again before the lock is released: nothing is left in the WAL, so SQLite gives it
+    /// read slot 0, which allows one restart of the WAL and then forbids any backfill while it
+    /// is held. No second restart can then overwrite frames before they are copied.
+    ///
+    fn drain_wal(&mut self, wait_for_readers: bool) -> Result<Drained, DbError> {
+        let mut report = SyncReport::default();
+        for _ in 0..PRE_COPY_PASSES {
+            if self.copy(&mut report)? < PRE_COPY_ENOUGH {
+                break;
+            }
+        }
+        let drained = self.with_write_lock(|db| {
+            db.end_read()?;
+            db.copy(&mut report)?;
+            let full = db.backfill(wait_for_readers)?;
+            db.begin_read()?;
+            Ok(if full {
+                Drained::Full(db.read_real_header())
+            } else {
+                Drained::Partial
+            })
+        });
+        if drained.is_err() {
+            self.end_read()?;
+            self.begin_read()?;
+        }
+        drained
+    }
+
+    /// A PASSIVE checkpoint on the reader connection, since the other one holds the write
+    /// lock. While another connection checkpoints (the application's auto-checkpoint after a
+    /// commit) SQLite answers busy at once, without calling the busy handler, so that is
+    /// retried here until `busy-timeout`; with `wait_for_readers`, so is a backfill that other
+    /// readers cut short, which is what RESTART would wait for. Returns whether every frame
+    /// is in the database.
+    fn backfill(&self, wait_for_readers: bool) -> Result<bool, DbError> {
+        let deadline = Instant::now() + self.cfg.busy_timeout;
+        loop {
+            let (busy, log, done) = self
+                .reader()
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(self.sqlite_err("passive checkpoint"))?;
+            let full = busy == 0 && log == done;
+            let retry = log < 0 || (wait_for_readers && !full);
+            if full || !retry || Instant::now() >= deadline {
+                if !full {
+                    tracing::debug!(db = %self.cfg.path.display(), busy, log, done, "wal not fully backfilled");
+                }
+                return Ok(full);
+            }
+            std::thread::sleep(CHECKPOINT_POLL);
+        }
+    }
+
+    /// Writes our row into a fully backfilled WAL, which restarts it unless the application
+    /// wrote first (harmless: every old frame is copied). With `truncate` SQLite also cuts the
+    /// WAL file down to that one frame, when the restarting write is ours.
+    fn restart_wal(&mut self, truncate: bool) -> Result<(), DbError> {
+        self.restart_expected = true;
+        if !truncate {
+            return self.bump_seq();
+        }
+        self.set_journal_size_limit(0)?;
+        let bumped = self.bump_seq();
+        self.set_journal_size_limit(-1)?;
+        bumped
+    }
+
+    fn set_journal_size_limit(&self, bytes: i64) -> Result<(), DbError> {
+        self.conn()
+            .query_row(&format!("PRAGMA journal_size_limit = {bytes}"), [], |_| {
+                Ok(())
+            })
+            .map_err(self.sqlite_err("journal_size_limit"))
     }
 
     /// Frees the pages SQLite cached in both connections. Walden reads the WAL itself and uses
@@ -727,30 +851,12 @@ impl Db {
         }
     }
 
-    fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64), DbError> {
-        self.conn()
-            .query_row(
-                &format!("PRAGMA wal_checkpoint({})", mode.as_str()),
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .map_err(self.sqlite_err("wal_checkpoint"))
-    }
-
     /// Runs `f` holding SQLite's write lock, so no application transaction commits meanwhile.
     fn with_write_lock<T>(
         &mut self,
         f: impl FnOnce(&mut Db) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
-        self.conn()
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| match e.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::DatabaseBusy) => DbError::Busy(format!(
-                    "{}: database busy, will retry",
-                    self.cfg.path.display()
-                )),
-                _ => self.sqlite_err("begin write transaction")(e),
-            })?;
+        self.begin_immediate()?;
         let result = f(self);
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let finish = self
@@ -760,6 +866,37 @@ impl Db {
         let value = result?;
         finish?;
         Ok(value)
+    }
+
+    /// BEGIN IMMEDIATE, retried every `LOCK_POLL` until `busy-timeout`. SQLite's busy handler
+    /// sleeps 1, 2, 5, 10 ... 100 ms between attempts; a writer committing every few
+    /// microseconds takes the lock back during each sleep, and half of the checkpoints under
+    /// a writer running flat out gave up after a whole second.
+    fn begin_immediate(&self) -> Result<(), DbError> {
+        let conn = self.conn();
+        conn.busy_timeout(Duration::ZERO)
+            .map_err(self.sqlite_err("busy_timeout"))?;
+        let deadline = Instant::now() + self.cfg.busy_timeout;
+        let begun = loop {
+            match conn.execute_batch("BEGIN IMMEDIATE") {
+                Err(e)
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(LOCK_POLL);
+                }
+                other => break other,
+            }
+        };
+        conn.busy_timeout(self.cfg.busy_timeout)
+            .map_err(self.sqlite_err("busy_timeout"))?;
+        begun.map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy) => DbError::Busy(format!(
+                "{}: database busy, will retry",
+                self.cfg.path.display()
+            )),
+            _ => self.sqlite_err("begin write transaction")(e),
+        })
     }
 
     /// Takes a snapshot that is exactly the database state at the start of a new WAL index.
@@ -780,7 +917,6 @@ impl Db {
         }
         let mut report = SyncReport::default();
         self.copy(&mut report)?;
-        self.end_read()?;
         let before = match self.freeze_for_snapshot() {
             Ok(h) => h,
             Err(e) => {
@@ -797,34 +933,15 @@ impl Db {
         outcome
     }
 
-    /// Leaves the reader on read slot 0 over a fully backfilled WAL and forces the WAL to
-    /// restart. The write lock is held while the WAL is drained, then released before the
-    /// forcing write: SQLite restarts the WAL only for a writer whose own read began after the
-    /// backfill, and whichever writer comes first (ours or the application's) does that.
+    /// Leaves the reader on read slot 0 over a fully backfilled WAL (see `drain_wal`) and
+    /// forces the WAL to restart.
     fn freeze_for_snapshot(&mut self) -> Result<Option<WalHeader>, DbError> {
-        let before = self.with_write_lock(|db| {
-            let mut report = SyncReport::default();
-            db.copy(&mut report)?;
-            let (busy, log, done) = db
-                .reader()
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })
-                .map_err(db.sqlite_err("passive checkpoint"))?;
-            if busy != 0 || log != done {
-                return Err(DbError::Busy(format!(
-                    "{}: readers prevent a full checkpoint ({done} of {log} frames); \
-                     snapshot retried later",
-                    db.cfg.path.display()
-                )));
-            }
-            db.begin_read()?;
-            Ok(db.read_real_header())
-        })?;
+        let Drained::Full(before) = self.drain_wal(false)? else {
+            return Err(DbError::Busy(format!(
+                "{}: readers prevent a full checkpoint; snapshot retried later",
+                self.cfg.path.display()
+            )));
+        };
         self.restart_expected = true;
         self.bump_seq()?;
         Ok(before)
