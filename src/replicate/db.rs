@@ -332,11 +332,12 @@ impl Db {
             .map_err(self.sqlite_err("begin read transaction"))
     }
 
-    /// Moves the reader off read slot 0 once the WAL has restarted. With no reader holding a
-    /// mark, every auto-checkpoint the application attempts after a commit first sorts all
-    /// frames not yet backfilled, then finds slot 0 taken and gives up: that grew with the
-    /// WAL and cut a writer running flat out to a third of its rate. A mark makes the
-    /// attempt return at once once the frames below it are backfilled.
+    /// Begins the reader's transaction anew, where the WAL is now. After a restart this moves
+    /// it off read slot 0: with no reader holding a mark, every auto-checkpoint the
+    /// application attempts after a commit first sorts all frames not yet backfilled, then
+    /// finds slot 0 taken and gives up; that grew with the WAL and cut a writer running flat
+    /// out to a third of its rate. A mark makes the attempt return at once once the frames
+    /// below it are backfilled.
     fn reread(&self) -> Result<(), DbError> {
         self.end_read()?;
         self.begin_read()
@@ -762,7 +763,6 @@ impl Db {
     /// begins again before the lock is released: nothing is left in the WAL, so SQLite gives it
     /// read slot 0, which allows one restart of the WAL and then forbids any backfill while it
     /// is held. No second restart can then overwrite frames before they are copied.
-    ///
     fn drain_wal(&mut self, wait_for_readers: bool) -> Result<Drained, DbError> {
         let mut report = SyncReport::default();
         for _ in 0..PRE_COPY_PASSES {
@@ -782,8 +782,7 @@ impl Db {
             })
         });
         if drained.is_err() {
-            self.end_read()?;
-            self.begin_read()?;
+            self.reread()?;
         }
         drained
     }
@@ -918,20 +917,16 @@ impl Db {
                 self.cfg.path.display()
             )));
         }
-        let mut report = SyncReport::default();
-        self.copy(&mut report)?;
         let before = match self.freeze_for_snapshot() {
             Ok(h) => h,
             Err(e) => {
-                self.end_read()?;
-                self.begin_read()?;
+                self.reread()?;
                 return Err(e);
             }
         };
         let outcome = self.snapshot_under_reader(before);
         self.restart_expected = false;
-        self.end_read()?;
-        self.begin_read()?;
+        self.reread()?;
         self.release_memory();
         outcome
     }
