@@ -7,7 +7,7 @@
 Each workload runs with every tool in turn (order rotated every repetition). Replicators run as
 daemons (`replicate -config CFG`, no -exec) so their own CPU and RSS can be read: CPU from
 /proc/PID/stat (utime+stime) sampled at the start and end of the measured window, peak RSS from
-wait4()'s ru_maxrss (= VmHWM at exit). All S3 traffic of a replicator goes through a counting
+the process's own VmHWM, polled until it exits (see wait_peak). All S3 traffic of a replicator goes through a counting
 proxy (proxy.py) on loopback. The table goes to stdout; --md writes it to BENCHMARKS.md form.
 """
 import argparse
@@ -137,23 +137,46 @@ class Replicator:
         return self.p.poll() is None
 
     def stop(self, timeout=120):
-        """SIGTERM, wait; returns (rc, user+sys total, maxrss MB)."""
+        """SIGTERM, wait; returns (rc, user+sys total, peak RSS MB)."""
         if self.p.returncode is None:
             self.p.send_signal(signal.SIGTERM)
-        t_end = time.time() + timeout
-        while True:
-            pid, status, ru = os.wait4(self.p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > t_end:
-                problems.append((self.tool, f"did not exit {timeout} s after SIGTERM: killed"))
-                os.kill(self.p.pid, signal.SIGKILL)
-                pid, status, ru = os.wait4(self.p.pid, 0)
-                break
-            time.sleep(0.05)
+
+        def kill():
+            problems.append((self.tool, f"did not exit {timeout} s after SIGTERM: killed"))
+            os.kill(self.p.pid, signal.SIGKILL)
+
+        status, ru, peak = wait_peak(self.p.pid, timeout, kill)
         self.p.returncode = os.waitstatus_to_exitcode(status)
         self.out.close()
-        return self.p.returncode, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0
+        return self.p.returncode, ru.ru_utime + ru.ru_stime, peak
+
+
+def wait_peak(pid, timeout=None, on_timeout=None, interval=0.005):
+    """Waits for PID to exit; returns (status, rusage, peak RSS MB).
+
+    The peak is the process's own VmHWM, read every `interval` s until it exits (it is a
+    high-water mark, so only growth in the last interval can be missed). wait4()'s ru_maxrss
+    is not used: the kernel carries the high-water mark across exec, so for a child of this
+    script it is at least the RSS this Python process had when it started the child, which
+    hid any replicator smaller than that."""
+    t_end = None if timeout is None else time.time() + timeout
+    peak = 0.0
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024.0)
+        except OSError:
+            pass
+        wpid, status, ru = os.wait4(pid, os.WNOHANG)
+        if wpid:
+            return status, ru, peak
+        if t_end is not None and time.time() > t_end:
+            on_timeout()
+            _, status, ru = os.wait4(pid, 0)
+            return status, ru, peak
+        time.sleep(interval)
 
 
 def settle(proxy, rep, quiet=2.5, min_wait=1.5, max_wait=120, need_put=True):
@@ -179,7 +202,7 @@ def writer(*args, capture=True):
 
 
 def restore(tool, binary, cfg, out, db):
-    """Runs `BIN restore -config CFG -o OUT DB`; returns (rc, wall s, maxrss MB)."""
+    """Runs `BIN restore -config CFG -o OUT DB`; returns (rc, wall s, peak RSS MB)."""
     for suffix in ("", "-wal", "-shm", ".tmp-wal", ".tmp-shm"):
         if os.path.exists(out + suffix):
             os.remove(out + suffix)
@@ -187,11 +210,11 @@ def restore(tool, binary, cfg, out, db):
     t0 = time.time()
     p = subprocess.Popen([binary, "restore", "-config", cfg, "-o", out, db], stdout=logf,
                          stderr=subprocess.STDOUT, env=tool_env(tool), stdin=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
+    status, _, peak = wait_peak(p.pid)
     wall = time.time() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     logf.close()
-    return p.returncode, wall, ru.ru_maxrss / 1024.0
+    return p.returncode, wall, peak
 
 
 def check_restored(out, expect_rows, tool, what):
