@@ -255,17 +255,10 @@ pub const MAX_BLOCK: usize = 4 << 20;
 /// Matching the header byte for byte is the safest way to stay readable by every Litestream
 /// version, whatever LZ4 features their readers happen to support.
 pub fn lz4_encoder<W: Write>(w: W) -> Lz4Encoder<W> {
-    lz4_encoder_with_blocks(w, ENCODE_BLOCK)
-}
-
-/// An encoder with blocks of `block` bytes (at most [`MAX_BLOCK`]). LZ4 matches never cross an
-/// independent block, and in a WAL successive versions of a page sit a few frames apart, so WAL
-/// segments compress markedly better in larger blocks, at the cost of a block-sized buffer.
-pub fn lz4_encoder_with_blocks<W: Write>(w: W, block: usize) -> Lz4Encoder<W> {
     Lz4Encoder {
         w,
         header_written: false,
-        block_size: block.clamp(1, MAX_BLOCK),
+        block_size: ENCODE_BLOCK,
         block: Vec::new(),
         hasher: XxHash32::with_seed(0),
     }
@@ -317,6 +310,19 @@ impl<W: Write> Lz4Encoder<W> {
             self.w.write_all(&raw.to_le_bytes())?;
             self.w.write_all(data)
         }
+    }
+
+    /// Compresses `data` as blocks of its own (one, unless it exceeds [`MAX_BLOCK`]) after any
+    /// pending partial block, straight from the caller's buffer: a caller that reads whole
+    /// blocks, such as a segment read a block at a time, no longer copies its short last block
+    /// into the encoder's block buffer.
+    pub fn write_block(&mut self, data: &[u8]) -> io::Result<()> {
+        self.emit_block()?;
+        for block in data.chunks(MAX_BLOCK) {
+            self.hasher.write(block);
+            self.emit(block)?;
+        }
+        Ok(())
     }
 
     /// Writes the last block, the end mark and the content checksum, and hands back the writer.
@@ -650,7 +656,7 @@ mod tests {
         let mut input = data(3 * MIB + 12345, true);
         input.extend(data(MIB, false));
         let encode = |piece: usize| {
-            let mut e = lz4_encoder_with_blocks(Vec::new(), MIB);
+            let mut e = lz4_encoder(Vec::new());
             for chunk in input.chunks(piece) {
                 e.write_all(chunk).unwrap();
             }
@@ -658,8 +664,27 @@ mod tests {
         };
         let whole = encode(input.len());
         assert_eq!(whole, encode(1000));
-        assert_eq!(whole, encode(MIB));
+        assert_eq!(whole, encode(ENCODE_BLOCK));
         assert_eq!(decompress(&whole).unwrap(), input);
+        let mut e = lz4_encoder(Vec::new());
+        for block in input.chunks(ENCODE_BLOCK) {
+            e.write_block(block).unwrap();
+        }
+        assert_eq!(e.finish().unwrap(), whole);
+    }
+
+    #[test]
+    fn write_block_keeps_its_blocks_whole() {
+        let input = data(5 * MIB + 10, true);
+        let mut e = lz4_encoder(Vec::new());
+        e.write_all(&input[..100]).unwrap();
+        e.write_block(&input[100..MIB]).unwrap();
+        e.write_block(&[]).unwrap();
+        e.write_block(&input[MIB..]).unwrap();
+        let frame = e.finish().unwrap();
+        // The pending 100 bytes, the first call's block, the second's split at MAX_BLOCK.
+        assert_eq!(block_words(&frame).len(), 4);
+        assert_eq!(decompress(&frame).unwrap(), input);
     }
 
     /// Deterministic data: `compressible` repeats short text, otherwise xorshift noise that LZ4

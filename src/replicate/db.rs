@@ -149,8 +149,6 @@ pub struct Db {
     file: Option<File>,
     page_size: u32,
     shadow: Option<Shadow>,
-    /// The buffer frames are copied through, kept between ticks rather than allocated anew.
-    copy_buf: Vec<u8>,
     /// Set while a WAL restart forced by us is pending. Every frame of the old index was
     /// copied under the write lock before it, so the restart may overwrite them; only a
     /// restart nobody expected needs Litestream's check that the last copied frame survived.
@@ -164,10 +162,9 @@ pub struct Db {
 /// can hold; a WAL that grows past this (checkpoints blocked for a long time) starts a new
 /// generation instead of writing names v0.3.13 would silently skip.
 const MAX_SHADOW_SIZE: u64 = 0xF000_0000;
-/// Frames are copied in chunks so memory stays bounded whatever the transaction size.
-const COPY_CHUNK: u64 = 1 << 20;
-/// What the copy buffer may keep between ticks.
-const COPY_KEEP: usize = 64 << 10;
+/// Frames are copied in chunks so memory stays bounded whatever the transaction size; larger
+/// chunks only save system calls, which cost little next to the copying itself.
+const COPY_CHUNK: u64 = 256 << 10;
 
 impl Db {
     pub fn new(cfg: DbConfig) -> Db {
@@ -181,7 +178,6 @@ impl Db {
             file: None,
             page_size: 0,
             shadow: None,
-            copy_buf: Vec::new(),
             restart_expected: false,
             restarted_after: None,
         }
@@ -643,39 +639,41 @@ impl Db {
         let mut off = s.size;
         let mut ck = s.checksum;
         let mut committed = (off, ck);
-        let chunk_frames = (COPY_CHUNK / fsz).max(1);
-        let mut buf = std::mem::take(&mut self.copy_buf);
-        'outer: while off < end {
-            let n = ((end - off) / fsz).min(chunk_frames);
-            buf.resize((n * fsz) as usize, 0);
-            real.read_exact_at(&mut buf, off)
-                .map_err(Self::io_err(&self.wal_path))?;
-            let mut valid = 0usize;
-            for frame in buf.chunks_exact(fsz as usize) {
-                let h = FrameHeader::parse(frame);
-                if h.salt1 != salt1 || h.salt2 != salt2 {
+        let chunk = ((end - off) / fsz).min((COPY_CHUNK / fsz).max(1)) * fsz;
+        super::with_scratch(chunk as usize, |scratch| {
+            while off < end {
+                let n = (end - off).min(chunk) as usize;
+                let buf = &mut scratch[..n];
+                real.read_exact_at(buf, off)
+                    .map_err(Self::io_err(&self.wal_path))?;
+                let mut valid = 0usize;
+                for frame in buf.chunks_exact(fsz as usize) {
+                    let h = FrameHeader::parse(frame);
+                    if h.salt1 != salt1 || h.salt2 != salt2 {
+                        break;
+                    }
+                    let c = wal::checksum(be, ck, &frame[..8]);
+                    let c = wal::checksum(be, c, &frame[wal::FRAME_HEADER_SIZE..]);
+                    if c != (h.checksum1, h.checksum2) {
+                        break;
+                    }
+                    ck = c;
+                    valid += frame.len();
+                    if h.commit != 0 {
+                        committed = (off + valid as u64, ck);
+                    }
+                }
+                if valid > 0 {
+                    out.write_all_at(&buf[..valid], off)
+                        .map_err(Self::io_err(&shadow_path))?;
+                }
+                off += valid as u64;
+                if valid < n {
                     break;
                 }
-                let c = wal::checksum(be, ck, &frame[..8]);
-                let c = wal::checksum(be, c, &frame[wal::FRAME_HEADER_SIZE..]);
-                if c != (h.checksum1, h.checksum2) {
-                    break;
-                }
-                ck = c;
-                valid += frame.len();
-                if h.commit != 0 {
-                    committed = (off + valid as u64, ck);
-                }
             }
-            if valid > 0 {
-                out.write_all_at(&buf[..valid], off)
-                    .map_err(Self::io_err(&shadow_path))?;
-            }
-            off += valid as u64;
-            if valid < buf.len() {
-                break 'outer;
-            }
-        }
+            Ok::<_, DbError>(())
+        })?;
         if off > committed.0 {
             out.set_len(committed.0)
                 .map_err(Self::io_err(&shadow_path))?;
@@ -683,12 +681,6 @@ impl Db {
         if committed.0 > start {
             out.sync_data().map_err(Self::io_err(&shadow_path))?;
         }
-        // Kept for the next tick only up to a small size: a database that once copied a large
-        // burst must not hold that much memory for the rest of the run (with a thousand
-        // databases this was most of the resident memory).
-        buf.clear();
-        buf.shrink_to(COPY_KEEP);
-        self.copy_buf = buf;
         let s = self.shadow.as_mut().expect("shadow exists");
         s.size = committed.0;
         s.checksum = committed.1;
