@@ -7,8 +7,8 @@
 Each workload runs with every tool in turn (order rotated every repetition). Replicators run as
 daemons (`replicate -config CFG`, no -exec) so their own CPU and RSS can be read: CPU from
 /proc/PID/stat (utime+stime) sampled at the start and end of the measured window, peak RSS from
-the process's own VmHWM, polled until it exits (see wait_peak). All S3 traffic of a replicator goes through a counting
-proxy (proxy.py) on loopback. The table goes to stdout; --md writes it to BENCHMARKS.md form.
+the process's own VmHWM, polled until it exits (see wait_peak). All S3 traffic of a replicator
+goes through a counting proxy (proxy.py) on loopback. The table goes to stdout; --md writes it to BENCHMARKS.md form.
 """
 import argparse
 import json
