@@ -14,7 +14,7 @@ use crate::observe::metrics::StoreMetrics;
 use crate::storage::file::FileStore;
 use crate::storage::s3::S3Store;
 use crate::storage::{
-    Body, ObjectStore, OpRecorder, Recorded, RetryPolicy, Retrying, StorageError,
+    Body, ByteStream, ObjectStore, OpRecorder, Recorded, RetryPolicy, Retrying, StorageError,
 };
 
 /// A snapshot object as listed.
@@ -193,14 +193,13 @@ impl Replica {
             .await
     }
 
-    pub async fn get_snapshot_to_file(
+    pub async fn get_snapshot_stream(
         &self,
         generation: &str,
         index: u32,
-        dest: &std::path::Path,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<ByteStream, StorageError> {
         self.store
-            .get_to_file(&format::snapshot_key("", generation, index), dest)
+            .get_stream(&format::snapshot_key("", generation, index))
             .await
     }
 

@@ -2,12 +2,11 @@
 //! so that [`super::Retrying`] can be exercised deterministically without a flaky server.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::{Body, Listing, ObjectStore, StorageError};
+use super::{Body, ByteStream, Listing, ObjectStore, StorageError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -94,9 +93,9 @@ impl<S: ObjectStore> ObjectStore for FailFirst<S> {
         self.inner.get(key).await
     }
 
-    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
         self.inject(Op::Get).await?;
-        self.inner.get_to_file(key, dest).await
+        self.inner.get_stream(key).await
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {

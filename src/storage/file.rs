@@ -12,7 +12,12 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{Body, Entry, Listing, ObjectStore, StorageError, key_parts};
+use futures::StreamExt;
+
+use super::{Body, ByteStream, Entry, Listing, ObjectStore, StorageError, key_parts};
+
+/// Size of the chunks an object is streamed in.
+const READ_CHUNK: usize = 1 << 20;
 
 /// An [`ObjectStore`] rooted at a local directory.
 #[derive(Debug, Clone)]
@@ -236,16 +241,20 @@ impl ObjectStore for FileStore {
         .await
     }
 
-    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
         let path = self.object_path(key)?;
         let key = key.to_owned();
-        let dest = dest.to_owned();
-        blocking(move || {
-            let mut input = open_object(&path, &key)?;
-            let mut output = fs::File::create(&dest).map_err(io_err("create", &dest))?;
-            io::copy(&mut input, &mut output).map_err(io_err("write", &dest))
-        })
-        .await
+        let file = {
+            let path = path.clone();
+            blocking(move || open_object(&path, &key)).await?
+        };
+        let chunks = tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(file),
+            READ_CHUNK,
+        );
+        Ok(Box::pin(chunks.map(move |chunk| {
+            chunk.map_err(|e| StorageError::io(format!("read {}", path.display()), e))
+        })))
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
@@ -310,15 +319,14 @@ mod tests {
         assert_eq!(wal.objects[1].size, 3);
         assert_eq!(store.get("generations/b/wal/1").await.unwrap(), "one");
 
-        let out = dir.path().join("out");
-        assert_eq!(
-            store
-                .get_to_file("generations/b/wal/2", &out)
-                .await
-                .unwrap(),
-            3
-        );
-        assert_eq!(fs::read(&out).unwrap(), b"two");
+        let streamed: Vec<Bytes> = store
+            .get_stream("generations/b/wal/2")
+            .await
+            .unwrap()
+            .map(|chunk| chunk.unwrap())
+            .collect()
+            .await;
+        assert_eq!(streamed.concat(), b"two");
 
         store
             .delete(&["generations/a/x".to_owned(), "missing/key".to_owned()])

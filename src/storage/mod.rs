@@ -50,6 +50,9 @@ pub struct Listing {
     pub objects: Vec<Entry>,
 }
 
+/// An object's content as it arrives; see [`ObjectStore::get_stream`].
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, StorageError>>;
+
 /// The content of an object to upload.
 #[derive(Clone)]
 pub enum Body {
@@ -179,10 +182,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 
-    /// Streams the object into `dest` (created or truncated) with bounded memory and returns the
-    /// number of bytes written. Not fsynced: the copy is a scratch input (a snapshot about to be
-    /// decompressed), and flushing hundreds of megabytes to disk first made restores slower.
-    async fn get_to_file(&self, key: &str, dest: &std::path::Path) -> Result<u64, StorageError>;
+    /// Opens the object as a stream of chunks, so that a snapshot of gigabytes is decoded while
+    /// it downloads instead of first landing in a scratch file (writing and reading that file
+    /// back cost a restore more than the decoding). Only opening is retried ([`Retrying`]); an
+    /// error in the middle ends the stream, and the reader decides whether to start over.
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError>;
 
     /// Deletes the keys; keys that do not exist are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
@@ -209,8 +213,8 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Box<T> {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         (**self).get(key).await
     }
-    async fn get_to_file(&self, key: &str, dest: &std::path::Path) -> Result<u64, StorageError> {
-        (**self).get_to_file(key, dest).await
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+        (**self).get_stream(key).await
     }
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         (**self).delete(keys).await

@@ -1,12 +1,12 @@
 //! Counting requests as they are sent, for metrics, without the backends knowing about
 //! metrics: [`Recorded`] wraps a backend and reports each attempt to an [`OpRecorder`].
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 
-use super::{Body, Listing, ObjectStore, StorageError};
+use super::{Body, ByteStream, Listing, ObjectStore, StorageError};
 
 /// Receives one call per request attempt: backend kind, operation (`GET`, `PUT`, `LIST`,
 /// `DELETE`) and payload bytes.
@@ -39,6 +39,20 @@ impl<S: ObjectStore> Recorded<S> {
     }
 }
 
+/// Reports one GET with the bytes its stream delivered when the stream is dropped, however it
+/// ended.
+struct Counted {
+    recorder: Arc<dyn OpRecorder>,
+    kind: &'static str,
+    bytes: u64,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.recorder.record(self.kind, "GET", self.bytes);
+    }
+}
+
 #[async_trait::async_trait]
 impl<S: ObjectStore> ObjectStore for Recorded<S> {
     fn kind(&self) -> &'static str {
@@ -64,10 +78,29 @@ impl<S: ObjectStore> ObjectStore for Recorded<S> {
         self.note("GET", data.as_ref().map_or(0, |d| d.len() as u64));
         data
     }
-    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
-        let n = self.inner.get_to_file(key, dest).await;
-        self.note("GET", *n.as_ref().unwrap_or(&0));
-        n
+    /// A failed open counts as a request with no bytes; an opened stream counts once, with
+    /// the bytes it delivered, when it is dropped.
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+        let stream = match self.inner.get_stream(key).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.note("GET", 0);
+                return Err(e);
+            }
+        };
+        let mut counted = Counted {
+            recorder: self.recorder.clone(),
+            kind: self.inner.kind(),
+            bytes: 0,
+        };
+        Ok(Box::pin(stream.inspect(move |item| {
+            // Through a reference, so the closure owns the whole counter (and its `Drop`),
+            // not a copy of its byte field.
+            let counted = &mut counted;
+            if let Ok(chunk) = item {
+                counted.bytes += chunk.len() as u64;
+            }
+        })))
     }
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         self.note("DELETE", 0);

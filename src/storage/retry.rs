@@ -6,12 +6,12 @@
 //! several replicas recovering from the same outage do not retry in lockstep.
 
 use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 
-use super::{Body, Listing, ObjectStore, StorageError};
+use super::{Body, ByteStream, Listing, ObjectStore, StorageError};
 
 /// How [`Retrying`] retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,9 +158,29 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
         self.run("get", key, || self.inner.get(key)).await
     }
 
-    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
-        self.run("get", key, || self.inner.get_to_file(key, dest))
-            .await
+    /// Each chunk must arrive within the per-attempt timeout, so a stalled download ends with
+    /// an error instead of hanging the restore.
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+        let stream = self.run("get", key, || self.inner.get_stream(key)).await?;
+        let (after, operation) = (self.policy.timeout, format!("get {key}"));
+        let stalled = move || StorageError::Timeout {
+            operation: operation.clone(),
+            after,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            Some(stream),
+            move |stream| {
+                let stalled = stalled.clone();
+                async move {
+                    let mut stream = stream?;
+                    match tokio::time::timeout(after, stream.next()).await {
+                        Ok(Some(item)) => Some((item, Some(stream))),
+                        Ok(None) => None,
+                        Err(_) => Some((Err(stalled()), None)),
+                    }
+                }
+            },
+        )))
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {

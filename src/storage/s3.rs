@@ -24,9 +24,11 @@ use s3::bucket::Bucket;
 use s3::creds::Credentials;
 use s3::error::S3Error;
 use s3::serde_types::{ObjectIdentifier, Part};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
-use super::{Body, Entry, Listing, ObjectStore, StorageError, key_parts};
+use futures::StreamExt;
+
+use super::{Body, ByteStream, Entry, Listing, ObjectStore, StorageError, key_parts};
 
 /// `Body::File` uploads larger than this use a multipart upload, streamed part by part.
 pub const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
@@ -448,20 +450,19 @@ impl ObjectStore for S3Store {
         Ok(response.bytes().clone())
     }
 
-    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
+    async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
         let path = Self::request_path(&self.full_key(key)?);
-        let dest_err =
-            |action: &str, e| StorageError::io(format!("{action} {}", dest.display()), e);
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| dest_err("create", e))?;
-        self.bucket
-            .get_object_to_writer(&path, &mut file)
+        let response = self
+            .bucket
+            .get_object_stream(&path)
             .await
             .map_err(|e| self.error(e, Some(key)))?;
-        file.flush().await.map_err(|e| dest_err("write", e))?;
-        let meta = file.metadata().await.map_err(|e| dest_err("stat", e))?;
-        Ok(meta.len())
+        let name = self.name.clone();
+        Ok(Box::pin(response.bytes.map(move |chunk| {
+            chunk.map_err(|e| StorageError::Protocol {
+                message: format!("download from {name} cut short: {e}"),
+            })
+        })))
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
