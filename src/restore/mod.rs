@@ -9,7 +9,6 @@
 //! existing file is never touched.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -17,8 +16,12 @@ use std::time::SystemTime;
 use futures::stream::{self, StreamExt};
 use rusqlite::Connection;
 
+mod apply;
+
+use apply::{ApplyError, WalApplier};
+
 use crate::config::DbConfig;
-use crate::format::{self, Pos};
+use crate::format::{self, FormatError, Pos};
 use crate::replica::{GenerationInfo, Replica, SegmentInfo, SnapshotInfo};
 use crate::storage::StorageError;
 
@@ -51,8 +54,10 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("applying wal index {index:08x}: {source}")]
-    Apply { index: u32, source: rusqlite::Error },
+    #[error("{key}: {message}; the replica is damaged or was not written by walden/litestream")]
+    Invalid { key: String, message: String },
+    #[error("checking the restored database: {0}")]
+    Check(rusqlite::Error),
     #[error("restored database failed integrity_check: {0}")]
     Integrity(String),
 }
@@ -261,7 +266,7 @@ impl TempFiles {
 
 impl Drop for TempFiles {
     fn drop(&mut self) {
-        for suffix in ["-wal", "-shm", "-journal", ".lz4"] {
+        for suffix in ["-wal", "-shm", "-journal"] {
             let _ = fs::remove_file(self.side(suffix));
         }
         if !self.keep {
@@ -313,26 +318,36 @@ pub async fn restore(
 
     let parallelism = opts.parallelism.max(1);
     let generation = plan.generation.clone();
+    // Segments are fetched and decoded on the blocking pool while the snapshot downloads, up to
+    // PREFETCH_BYTES (compressed) ahead of the one being applied, which gives its share back.
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES));
     let fetched = stream::iter(plan.segments.iter().cloned())
         .map(|s| {
-            let generation = generation.clone();
+            let (generation, budget) = (generation.clone(), budget.clone());
             async move {
+                let cost = s.size.clamp(1, PREFETCH_BYTES as u64) as u32;
+                let permit = budget
+                    .acquire_many_owned(cost)
+                    .await
+                    .expect("the budget is never closed");
                 let data = replica
                     .get_segment(&generation, s.pos)
                     .await
                     .map_err(storage)?;
                 let key = format::wal_segment_key("", &generation, s.pos);
-                let raw = tokio::task::spawn_blocking(move || format::decompress(&data))
+                let blocks = tokio::task::spawn_blocking(move || decode_blocks(&data))
                     .await
-                    .expect("decompress task panicked")
+                    .expect("decode task panicked")
                     .map_err(|source| RestoreError::Corrupt { key, source })?;
-                Ok::<_, RestoreError>((s.pos, raw))
+                Ok::<_, RestoreError>(Fetched {
+                    pos: s.pos,
+                    blocks,
+                    _permit: permit,
+                })
             }
         })
         .buffered(parallelism);
-    // Segments are fetched while the snapshot is downloaded and decompressed: one item waits
-    // in the channel beyond the `parallelism` in flight, so memory stays bounded.
-    let (ready, mut segments) = tokio::sync::mpsc::channel(1);
+    let (ready, mut segments) = tokio::sync::mpsc::channel(plan.segments.len().max(1));
     let fetch = async move {
         let mut fetched = std::pin::pin!(fetched);
         while let Some(item) = fetched.next().await {
@@ -344,79 +359,32 @@ pub async fn restore(
     };
     let apply = async {
         let started = std::time::Instant::now();
-        let compressed = temp.side(".lz4");
-        replica
-            .get_snapshot_to_file(&plan.generation, plan.snapshot.index, &compressed)
-            .await
-            .map_err(storage)?;
+        let (file, page_size) = fetch_snapshot(replica, plan, &temp.db).await?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "snapshot downloaded"
-        );
-        let snapshot_key = format::snapshot_key("", &plan.generation, plan.snapshot.index);
-        {
-            let (src, dst) = (compressed.clone(), temp.db.clone());
-            tokio::task::spawn_blocking(move || decompress_file(&src, &dst, &snapshot_key))
-                .await
-                .expect("decompress task panicked")?;
-        }
-        fs::remove_file(&compressed).map_err(io_err(&compressed))?;
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "snapshot decompressed"
+            "snapshot written"
         );
 
-        let wal_path = temp.side("-wal");
-        let mut current: Option<(u32, File, u64)> = None;
-        let mut applied = 0usize;
-        while let Some(item) = segments.recv().await {
-            let (pos, raw) = item?;
-            if current.as_ref().is_some_and(|(i, _, _)| *i != pos.index) {
-                let (index, file, _) = current.take().expect("checked above");
-                drop(file);
-                apply_wal(&temp.db, index).await?;
-            }
-            if current.is_none() {
-                let f = File::create(&wal_path).map_err(io_err(&wal_path))?;
-                current = Some((pos.index, f, 0));
-            }
-            let (_, file, end) = current.as_mut().expect("set above");
-            if pos.offset != *end {
-                return Err(RestoreError::Gap {
-                    generation: plan.generation.clone(),
-                    message: format!(
-                        "segment {:08x}_{:08x} does not follow the previous one, which ends at {:08x}",
-                        pos.index, pos.offset, end
-                    ),
-                });
-            }
-            let raw = match opts.until {
-                Some(u) if u.index == pos.index && pos.offset + raw.len() as u64 > u.offset => {
-                    &raw[..(u.offset - pos.offset) as usize]
-                }
-                _ => &raw[..],
-            };
-            file.write_all(raw).map_err(io_err(&wal_path))?;
-            *end += raw.len() as u64;
-            applied += 1;
-        }
-        let mut position = Pos {
-            index: plan.snapshot.index,
-            offset: 0,
-        };
-        if let Some((index, file, end)) = current.take() {
-            drop(file);
-            apply_wal(&temp.db, index).await?;
-            position = Pos { index, offset: end };
-        }
+        let generation = plan.generation.clone();
+        let until = opts.until;
+        let db = temp.db.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            apply_segments(&file, page_size, &mut segments, &generation, until, &db)
+        })
+        .await
+        .expect("apply task panicked")?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "wal applied"
         );
-        Ok::<_, RestoreError>((applied, position))
+        Ok::<_, RestoreError>(applied)
     };
     let (applied, ()) = futures::join!(apply, fetch);
     let (applied, position) = applied?;
+    let position = position.unwrap_or(Pos {
+        index: plan.snapshot.index,
+        offset: 0,
+    });
 
     let db = temp.db.clone();
     let out = output.clone();
@@ -433,70 +401,202 @@ pub async fn restore(
     })
 }
 
-/// Buffer size for reading the compressed snapshot and writing the database.
-const COPY_BUF: usize = 1 << 20;
+/// Chunks of a snapshot download that may wait for the decoder (rust-s3 hands them over in
+/// pieces of tens of kilobytes).
+const CHUNKS_IN_FLIGHT: usize = 256;
 
-fn decompress_file(src: &Path, dst: &Path, key: &str) -> Result<(), RestoreError> {
-    let input = File::open(src).map_err(io_err(src))?;
-    let out = OpenOptions::new()
+/// Attempts at streaming the snapshot. The store already retries opening it; this covers a
+/// download cut off in the middle, which starts over from the first byte.
+const SNAPSHOT_ATTEMPTS: u32 = 3;
+
+/// Streams the snapshot into a new database file at `path`, decoding while it downloads;
+/// returns the file and the database's page size (`None` if it is empty).
+async fn fetch_snapshot(
+    replica: &Replica,
+    plan: &Plan,
+    path: &Path,
+) -> Result<(File, Option<u32>), RestoreError> {
+    let storage = |source| RestoreError::Storage {
+        replica: replica.name.clone(),
+        source,
+    };
+    let key = format::snapshot_key("", &plan.generation, plan.snapshot.index);
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(dst)
-        .map_err(io_err(dst))?;
-    let mut reader = format::lz4_decoder(std::io::BufReader::with_capacity(COPY_BUF, input));
-    // Through a large buffer: `io::copy`'s 8 KiB one meant a write call per 8 KiB of a
-    // database that can be gigabytes.
-    let mut out = std::io::BufWriter::with_capacity(COPY_BUF, out);
-    std::io::copy(&mut reader, &mut out).map_err(|e| {
-        match e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<format::FormatError>())
-        {
-            Some(_) => {
-                let source = e
-                    .into_inner()
-                    .and_then(|b| b.downcast::<format::FormatError>().ok())
-                    .map(|b| *b)
-                    .expect("checked above");
-                RestoreError::Corrupt {
-                    key: key.to_string(),
-                    source,
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut attempt = 1;
+    loop {
+        let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+        let decode = tokio::task::spawn_blocking(move || {
+            let mut input = ChunkReader {
+                chunks: received,
+                current: bytes::Bytes::new(),
+                failed: None,
+            };
+            let written = file
+                .set_len(0)
+                .map_err(ApplyError::from)
+                .and_then(|()| apply::write_snapshot(&mut input, &file));
+            (file, input.failed, written)
+        });
+        let download = async move {
+            let mut stream = replica
+                .get_snapshot_stream(&plan.generation, plan.snapshot.index)
+                .await?;
+            while let Some(chunk) = stream.next().await {
+                let failed = chunk.is_err();
+                // A closed channel means the decoder stopped on an error of its own.
+                if chunks.send(chunk).await.is_err() || failed {
+                    break;
                 }
             }
-            None => io_err(dst)(e),
+            Ok::<_, StorageError>(())
+        };
+        let (opened, decoded) = futures::join!(download, decode);
+        let (returned, cut_off, written) = decoded.expect("snapshot task panicked");
+        file = returned;
+        let err = match (opened, cut_off, written) {
+            (Err(e), _, _) => return Err(storage(e)),
+            (Ok(()), Some(e), _) => e,
+            (Ok(()), None, Ok(page_size)) => return Ok((file, page_size)),
+            (Ok(()), None, Err(e)) => return Err(apply_err(e, &key, path)),
+        };
+        if err.is_permanent() || attempt >= SNAPSHOT_ATTEMPTS {
+            return Err(storage(err));
         }
-    })?;
-    out.flush().map_err(io_err(dst))?;
-    Ok(())
+        tracing::warn!(
+            replica = %replica.name,
+            attempt,
+            attempts = SNAPSHOT_ATTEMPTS,
+            error = %err,
+            "snapshot download cut off; starting it over"
+        );
+        attempt += 1;
+    }
 }
 
-/// Lets SQLite apply one WAL index: it validates the header, salts and checksum chain and
-/// takes frames up to the last commit, exactly as after a crash.
-async fn apply_wal(db: &Path, index: u32) -> Result<(), RestoreError> {
-    let db = db.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let err = |source| RestoreError::Apply { index, source };
-        let conn = Connection::open(&db).map_err(err)?;
-        // The file is a temporary that `finish` fsyncs once before it is renamed into place;
-        // SQLite's own syncs at each checkpoint only cost time.
-        conn.execute_batch("PRAGMA synchronous=OFF").map_err(err)?;
-        let busy: i64 = conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .map_err(err)?;
-        if busy != 0 {
-            return Err(RestoreError::Apply {
-                index,
-                source: rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-                    Some("checkpoint could not complete".into()),
-                ),
-            });
+/// The decoder's view of a download: chunks from the channel as one `Read`. A storage error
+/// is kept for the caller (who may start over) and reaches the decoder as an I/O error.
+struct ChunkReader {
+    chunks: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, StorageError>>,
+    current: bytes::Bytes,
+    failed: Option<StorageError>,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => {
+                    let message = e.to_string();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(message));
+                }
+                None => return Ok(0),
+            }
         }
-        conn.close().map_err(|(_, e)| err(e))
-    })
-    .await
-    .expect("apply task panicked")
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+fn apply_err(e: ApplyError, key: &str, path: &Path) -> RestoreError {
+    match e {
+        ApplyError::Format(FormatError::Io(source)) | ApplyError::Io(source) => RestoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        ApplyError::Format(source) => RestoreError::Corrupt {
+            key: key.to_string(),
+            source,
+        },
+        e @ (ApplyError::NotSqlite | ApplyError::Wal { .. }) => RestoreError::Invalid {
+            key: key.to_string(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// How many bytes of compressed segments may be downloaded ahead of the one being applied.
+const PREFETCH_BYTES: usize = 32 << 20;
+
+/// A downloaded and decoded segment; its share of the prefetch budget returns when it is
+/// dropped.
+struct Fetched {
+    pos: Pos,
+    blocks: Vec<Vec<u8>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Decodes a whole segment into its blocks, each in a buffer of its own size: no buffer grows
+/// by reallocation, and the applier takes the blocks as they are.
+fn decode_blocks(data: &[u8]) -> Result<Vec<Vec<u8>>, FormatError> {
+    let mut decoder = format::lz4_decoder(data);
+    let mut blocks = Vec::new();
+    while let Some(block) = decoder.next_block()? {
+        blocks.push(block.to_vec());
+    }
+    Ok(blocks)
+}
+
+/// Decodes and applies the downloaded segments in order as they arrive; returns how many were
+/// applied and the position reached.
+fn apply_segments(
+    file: &File,
+    page_size: Option<u32>,
+    segments: &mut tokio::sync::mpsc::Receiver<Result<Fetched, RestoreError>>,
+    generation: &str,
+    until: Option<Pos>,
+    db: &Path,
+) -> Result<(usize, Option<Pos>), RestoreError> {
+    let mut applier = WalApplier::new(file, page_size);
+    let mut position: Option<Pos> = None;
+    let mut applied = 0usize;
+    while let Some(item) = segments.blocking_recv() {
+        let Fetched { pos, blocks, .. } = item?;
+        let key = format::wal_segment_key("", generation, pos);
+        match position {
+            Some(p) if p.index == pos.index => {
+                if pos.offset != p.offset {
+                    return Err(RestoreError::Gap {
+                        generation: generation.to_string(),
+                        message: format!(
+                            "segment {:08x}_{:08x} does not follow the previous one, which ends at {:08x}",
+                            pos.index, pos.offset, p.offset
+                        ),
+                    });
+                }
+            }
+            _ => applier
+                .start_index(pos.index)
+                .map_err(|e| apply_err(e, &key, db))?,
+        }
+        // Everything from `until` on is left out.
+        let limit = match until {
+            Some(u) if u.index == pos.index => u.offset.saturating_sub(pos.offset),
+            _ => u64::MAX,
+        };
+        let mut len = 0u64;
+        for block in &blocks {
+            let keep = (limit.saturating_sub(len)).min(block.len() as u64) as usize;
+            applier
+                .feed(&block[..keep])
+                .map_err(|e| apply_err(e, &key, db))?;
+            len += keep as u64;
+        }
+        position = Some(Pos {
+            index: pos.index,
+            offset: pos.offset + len,
+        });
+        applied += 1;
+    }
+    applier.finish().map_err(|e| apply_err(e, generation, db))?;
+    Ok((applied, position))
 }
 
 /// Checks, syncs and moves the result into place without replacing an existing file. The fsync
@@ -508,11 +608,17 @@ fn finish(db: &Path, output: &Path) -> Result<(), RestoreError> {
         std::thread::spawn(move || file.sync_all())
     };
     let checked = (|| {
-        let conn =
-            Connection::open(db).map_err(|source| RestoreError::Apply { index: 0, source })?;
+        let conn = Connection::open(db).map_err(RestoreError::Check)?;
+        // Through a memory map the check reads pages without a system call and a copy each
+        // (0.41 s instead of 0.65 s on a 1 GiB database). The mapped pages are clean page
+        // cache the kernel can drop at any time, but they count in the process's RSS while
+        // mapped: a restore's peak RSS includes the database's size.
+        let size = fs::metadata(db).map_err(io_err(db))?.len();
+        conn.pragma_update(None, "mmap_size", size as i64)
+            .map_err(RestoreError::Check)?;
         let result: String = conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(|source| RestoreError::Apply { index: 0, source })?;
+            .map_err(RestoreError::Check)?;
         if result != "ok" {
             return Err(RestoreError::Integrity(result));
         }
@@ -577,4 +683,138 @@ pub async fn restore_if_missing(
         Err(e) => return Err(e),
     };
     restore(replicas, &plan, &opts).await.map(Startup::Restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::file::FileStore;
+    use crate::storage::{Body, ByteStream, Listing, ObjectStore};
+
+    /// A directory store whose first `cuts` snapshot downloads break off after 1 KiB with an
+    /// error a retry can cure, as a dropped connection does.
+    #[derive(Debug)]
+    struct CutOff {
+        inner: FileStore,
+        cuts: AtomicU32,
+        opened: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CutOff {
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn list(&self, dir: &str) -> Result<Listing, StorageError> {
+            self.inner.list(dir).await
+        }
+        async fn put(&self, key: &str, body: Body) -> Result<(), StorageError> {
+            self.inner.put(key, body).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let whole = self.inner.get(key).await?;
+            let cut = self
+                .cuts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let chunks: Vec<Result<Bytes, StorageError>> = if cut {
+                vec![
+                    Ok(whole.slice(..1024)),
+                    Err(StorageError::Protocol {
+                        message: "connection reset".into(),
+                    }),
+                ]
+            } else {
+                vec![Ok(whole.slice(..1024)), Ok(whole.slice(1024..))]
+            };
+            Ok(Box::pin(futures::stream::iter(chunks)))
+        }
+        async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+            self.inner.delete(keys).await
+        }
+        async fn check(&self) -> Result<(), StorageError> {
+            self.inner.check().await
+        }
+    }
+
+    /// A replica holding one snapshot of a small database (no WAL), behind [`CutOff`].
+    async fn replica_with_snapshot(dir: &Path, cuts: u32) -> (Replica, Arc<CutOff>, Vec<u8>) {
+        let db = dir.join("src.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE t (v BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+             INSERT INTO t SELECT randomblob(500) FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+        drop(conn);
+        let image = fs::read(&db).unwrap();
+        let store = Arc::new(CutOff {
+            inner: FileStore::new(dir.join("replica")),
+            cuts: AtomicU32::new(cuts),
+            opened: AtomicU32::new(0),
+        });
+        let replica = Replica::with_store("file".into(), store.clone());
+        replica
+            .put_snapshot(
+                "0123456789abcdef",
+                0,
+                Body::Bytes(format::compress(&image).into()),
+            )
+            .await
+            .unwrap();
+        (replica, store, image)
+    }
+
+    fn options(output: PathBuf) -> RestoreOptions {
+        RestoreOptions {
+            output,
+            generation: None,
+            index: None,
+            timestamp: None,
+            until: None,
+            parallelism: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_download_cut_off_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (replica, store, image) = replica_with_snapshot(dir.path(), 2).await;
+        let replicas = [replica];
+        let opts = options(dir.path().join("out.db"));
+        let plan = plan(&replicas, &opts).await.unwrap();
+        restore(&replicas, &plan, &opts).await.unwrap();
+        assert_eq!(store.opened.load(Ordering::SeqCst), 3);
+        assert!(fs::read(&opts.output).unwrap() == image);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_download_that_keeps_breaking_fails_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (replica, store, _) = replica_with_snapshot(dir.path(), u32::MAX).await;
+        let replicas = [replica];
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let opts = options(out.join("out.db"));
+        let plan = plan(&replicas, &opts).await.unwrap();
+        let err = restore(&replicas, &plan, &opts).await.unwrap_err();
+        assert_eq!(store.opened.load(Ordering::SeqCst), SNAPSHOT_ATTEMPTS);
+        assert!(err.to_string().contains("connection reset"), "{err}");
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 0, "files left behind");
+    }
 }
