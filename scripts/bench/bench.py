@@ -145,37 +145,42 @@ class Replicator:
             problems.append((self.tool, f"did not exit {timeout} s after SIGTERM: killed"))
             os.kill(self.p.pid, signal.SIGKILL)
 
-        status, ru, peak = wait_peak(self.p.pid, timeout, kill)
+        status, ru, peak, _ = wait_peak(self.p.pid, timeout, kill)
         self.p.returncode = os.waitstatus_to_exitcode(status)
         self.out.close()
         return self.p.returncode, ru.ru_utime + ru.ru_stime, peak
 
 
 def wait_peak(pid, timeout=None, on_timeout=None, interval=0.005):
-    """Waits for PID to exit; returns (status, rusage, peak RSS MB).
+    """Waits for PID to exit; returns (status, rusage, peak RSS MB, peak anonymous RSS MB).
 
     The peak is the process's own VmHWM, read every `interval` s until it exits (it is a
     high-water mark, so only growth in the last interval can be missed). wait4()'s ru_maxrss
     is not used: the kernel carries the high-water mark across exec, so for a child of this
     script it is at least the RSS this Python process had when it started the child, which
-    hid any replicator smaller than that."""
+    hid any replicator smaller than that.
+
+    The anonymous peak is the largest RssAnon seen (the kernel keeps no high-water mark for
+    it): memory the process itself allocated, without file pages it has mapped."""
     t_end = None if timeout is None else time.time() + timeout
-    peak = 0.0
+    peak = anon = 0.0
     while True:
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
                         peak = max(peak, int(line.split()[1]) / 1024.0)
+                    elif line.startswith("RssAnon:"):
+                        anon = max(anon, int(line.split()[1]) / 1024.0)
         except OSError:
             pass
         wpid, status, ru = os.wait4(pid, os.WNOHANG)
         if wpid:
-            return status, ru, peak
+            return status, ru, peak, anon
         if t_end is not None and time.time() > t_end:
             on_timeout()
             _, status, ru = os.wait4(pid, 0)
-            return status, ru, peak
+            return status, ru, peak, anon
         time.sleep(interval)
 
 
@@ -202,7 +207,8 @@ def writer(*args, capture=True):
 
 
 def restore(tool, binary, cfg, out, db):
-    """Runs `BIN restore -config CFG -o OUT DB`; returns (rc, wall s, peak RSS MB)."""
+    """Runs `BIN restore -config CFG -o OUT DB`; returns (rc, wall s, peak RSS MB, peak
+    anonymous RSS MB)."""
     for suffix in ("", "-wal", "-shm", ".tmp-wal", ".tmp-shm"):
         if os.path.exists(out + suffix):
             os.remove(out + suffix)
@@ -210,11 +216,11 @@ def restore(tool, binary, cfg, out, db):
     t0 = time.time()
     p = subprocess.Popen([binary, "restore", "-config", cfg, "-o", out, db], stdout=logf,
                          stderr=subprocess.STDOUT, env=tool_env(tool), stdin=subprocess.DEVNULL)
-    status, _, peak = wait_peak(p.pid)
+    status, _, peak, anon = wait_peak(p.pid)
     wall = time.time() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     logf.close()
-    return p.returncode, wall, peak
+    return p.returncode, wall, peak, anon
 
 
 def check_restored(out, expect_rows, tool, what):
@@ -366,7 +372,7 @@ class Bench:
                 rcfg = os.path.join(d, "restore.yml")
                 write_config(rcfg, [(db, self.rpath(d))], self.endpoint, self.a.bucket)
                 out = os.path.join(d, "restored.db")
-                rrc, _, _ = restore(tool, self.bins[tool], rcfg, out, db)
+                rrc, _, _, _ = restore(tool, self.bins[tool], rcfg, out, db)
                 expect = writer("count", db)["rows"]
                 ok = rrc == 0 and check_restored(out, expect, tool, "steady replica")
                 if rrc != 0:
@@ -415,15 +421,16 @@ class Bench:
                 d, db, rcfg, expect = made[tool]
                 out = os.path.join(d, "restored.db")
                 subprocess.run(["sync"])
-                rc, wall, rss = restore(tool, self.bins[tool], rcfg, out, db)
+                rc, wall, rss, anon = restore(tool, self.bins[tool], rcfg, out, db)
                 ok = rc == 0 and check_restored(out, expect, tool, "restore of 1 GiB + WAL")
                 if rc != 0:
                     problems.append((tool, f"restore exited {rc} (log {out}.log)"))
-                log(f"restore rep {rep} {tool}: {wall:.2f} s, {rss:.0f} MB, "
+                log(f"restore rep {rep} {tool}: {wall:.2f} s, {rss:.0f} MB ({anon:.0f} MB anon), "
                     f"{'ok' if ok else 'FAILED'}")
                 if ok:
                     self.add("restore.wall", tool, wall)
                     self.add("restore.rss", tool, rss)
+                    self.add("restore.anon", tool, anon)
                 self.add("restore.check", tool, "ok" if ok else "FAILED")
                 os.remove(out) if os.path.exists(out) else None
         for tool in REPLICATORS:  # free the disk
@@ -548,6 +555,8 @@ class Bench:
                   agg("restore.wall"), False, "{:.2f}", "<= 0.5", REPLICATORS))
         R.append(("5 restore peak RSS MB", agg("restore.rss"), False, "{:.1f}", "",
                   REPLICATORS))
+        R.append(("5 restore peak anonymous RSS MB (no mapped file pages)", agg("restore.anon"),
+                  False, "{:.1f}", "", REPLICATORS))
         R.append(("5 MiB uploaded building the replica", agg("restore.up"), False, "{:.0f}",
                   "", REPLICATORS))
         R.append(("5 restored db correct", agg("restore.check"), None, "{}", "", REPLICATORS))
