@@ -401,9 +401,10 @@ pub async fn restore(
     })
 }
 
-/// Chunks of a snapshot download that may wait for the decoder (rust-s3 hands them over in
-/// pieces of tens of kilobytes).
-const CHUNKS_IN_FLIGHT: usize = 256;
+/// Chunks of a snapshot download that may wait for the decoder: rust-s3 hands them over as
+/// they arrive, about 400 KiB each from a local SeaweedFS, so this bounds the backlog to a few
+/// megabytes.
+const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// Attempts at streaming the snapshot. The store already retries opening it; this covers a
 /// download cut off in the middle, which starts over from the first byte.
