@@ -776,27 +776,39 @@ impl Db {
         if self.wal_size() >= BACKFILL_AHEAD_MIN {
             self.backfill_ahead()?;
         }
-        let drained = self.with_write_lock(|db| {
-            let locked = Instant::now();
-            db.end_read()?;
-            db.copy(&mut report)?;
-            let full = db.backfill(wait_for_readers)?;
-            db.begin_read()?;
-            tracing::debug!(
-                db = %db.cfg.path.display(),
-                held_ms = locked.elapsed().as_millis() as u64,
-                "checkpoint: copied and backfilled under the write lock"
-            );
-            Ok(if full {
+        self.recopy_under_lock(|db| {
+            Ok(if db.backfill(wait_for_readers)? {
                 Drained::Full(db.read_real_header())
             } else {
                 Drained::Partial
             })
+        })
+    }
+
+    /// Under one hold of the write lock: copies the last frames, runs `between`, and begins the
+    /// reader again, so that its new mark covers only copied frames. If anything fails the
+    /// reader begins again all the same, so it is never left without a read transaction.
+    fn recopy_under_lock<T>(
+        &mut self,
+        between: impl FnOnce(&mut Db) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let result = self.with_write_lock(|db| {
+            let locked = Instant::now();
+            db.end_read()?;
+            db.copy(&mut SyncReport::default())?;
+            let value = between(db)?;
+            db.begin_read()?;
+            tracing::debug!(
+                db = %db.cfg.path.display(),
+                held_ms = locked.elapsed().as_millis() as u64,
+                "copied and began reading again under the write lock"
+            );
+            Ok(value)
         });
-        if drained.is_err() {
+        if result.is_err() {
             self.reread()?;
         }
-        drained
+        result
     }
 
     /// Backfills, without holding the write lock, every frame already copied, so that the
@@ -815,15 +827,7 @@ impl Db {
     /// the lock, so that restart is expected, as after a checkpoint of ours.
     fn backfill_ahead(&mut self) -> Result<(), DbError> {
         self.restart_expected = true;
-        let moved = self.with_write_lock(|db| {
-            db.end_read()?;
-            db.copy(&mut SyncReport::default())?;
-            db.begin_read()
-        });
-        if moved.is_err() {
-            self.reread()?;
-        }
-        moved?;
+        self.recopy_under_lock(|_| Ok(()))?;
         self.conn()
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
             .map_err(self.sqlite_err("passive checkpoint"))
