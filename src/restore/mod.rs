@@ -689,68 +689,16 @@ pub async fn restore_if_missing(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use bytes::Bytes;
 
     use super::*;
+    use crate::storage::Body;
+    use crate::storage::fault::{FailFirst, Op};
     use crate::storage::file::FileStore;
-    use crate::storage::{Body, ByteStream, Listing, ObjectStore};
 
-    /// A directory store whose first `cuts` snapshot downloads break off after 1 KiB with an
-    /// error a retry can cure, as a dropped connection does.
-    #[derive(Debug)]
-    struct CutOff {
-        inner: FileStore,
-        cuts: AtomicU32,
-        opened: AtomicU32,
-    }
+    type CutOff = FailFirst<FileStore>;
 
-    #[async_trait::async_trait]
-    impl ObjectStore for CutOff {
-        fn kind(&self) -> &'static str {
-            "file"
-        }
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn list(&self, dir: &str) -> Result<Listing, StorageError> {
-            self.inner.list(dir).await
-        }
-        async fn put(&self, key: &str, body: Body) -> Result<(), StorageError> {
-            self.inner.put(key, body).await
-        }
-        async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-            self.inner.get(key).await
-        }
-        async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
-            self.opened.fetch_add(1, Ordering::SeqCst);
-            let whole = self.inner.get(key).await?;
-            let cut = self
-                .cuts
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            let chunks: Vec<Result<Bytes, StorageError>> = if cut {
-                vec![
-                    Ok(whole.slice(..1024)),
-                    Err(StorageError::Protocol {
-                        message: "connection reset".into(),
-                    }),
-                ]
-            } else {
-                vec![Ok(whole.slice(..1024)), Ok(whole.slice(1024..))]
-            };
-            Ok(Box::pin(futures::stream::iter(chunks)))
-        }
-        async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
-            self.inner.delete(keys).await
-        }
-        async fn check(&self) -> Result<(), StorageError> {
-            self.inner.check().await
-        }
-    }
-
-    /// A replica holding one snapshot of a small database (no WAL), behind [`CutOff`].
+    /// A replica holding one snapshot of a small database (no WAL) in a directory whose first
+    /// `cuts` snapshot downloads break off after 1 KiB with an error a retry can cure.
     async fn replica_with_snapshot(dir: &Path, cuts: u32) -> (Replica, Arc<CutOff>, Vec<u8>) {
         let db = dir.join("src.db");
         let conn = Connection::open(&db).unwrap();
@@ -764,11 +712,11 @@ mod tests {
         .unwrap();
         drop(conn);
         let image = fs::read(&db).unwrap();
-        let store = Arc::new(CutOff {
-            inner: FileStore::new(dir.join("replica")),
-            cuts: AtomicU32::new(cuts),
-            opened: AtomicU32::new(0),
-        });
+        let reset = || StorageError::Protocol {
+            message: "connection reset".into(),
+        };
+        let store =
+            Arc::new(FailFirst::new(FileStore::new(dir.join("replica")), 0, reset).cut_first(cuts));
         let replica = Replica::with_store("file".into(), store.clone());
         replica
             .put_snapshot(
@@ -800,7 +748,7 @@ mod tests {
         let opts = options(dir.path().join("out.db"));
         let plan = plan(&replicas, &opts).await.unwrap();
         restore(&replicas, &plan, &opts).await.unwrap();
-        assert_eq!(store.opened.load(Ordering::SeqCst), 3);
+        assert_eq!(store.calls(Op::Get), 3);
         assert!(fs::read(&opts.output).unwrap() == image);
     }
 
@@ -814,7 +762,7 @@ mod tests {
         let opts = options(out.join("out.db"));
         let plan = plan(&replicas, &opts).await.unwrap();
         let err = restore(&replicas, &plan, &opts).await.unwrap_err();
-        assert_eq!(store.opened.load(Ordering::SeqCst), SNAPSHOT_ATTEMPTS);
+        assert_eq!(store.calls(Op::Get), SNAPSHOT_ATTEMPTS);
         assert!(err.to_string().contains("connection reset"), "{err}");
         assert_eq!(fs::read_dir(&out).unwrap().count(), 0, "files left behind");
     }

@@ -1,10 +1,12 @@
 //! A test-only store wrapper that fails (or hangs) the first attempts of each kind of operation,
-//! so that [`super::Retrying`] can be exercised deterministically without a flaky server.
+//! or cuts off the first downloads midway, so that [`super::Retrying`] and the readers of
+//! streams can be exercised deterministically without a flaky server.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 
 use super::{Body, ByteStream, Listing, ObjectStore, StorageError};
 
@@ -22,6 +24,7 @@ pub struct FailFirst<S> {
     inner: S,
     fail_first: u32,
     hang_first: u32,
+    cut_first: u32,
     error: fn() -> StorageError,
     calls: Mutex<HashMap<Op, u32>>,
 }
@@ -33,6 +36,7 @@ impl<S: ObjectStore> FailFirst<S> {
             inner,
             fail_first,
             hang_first: 0,
+            cut_first: 0,
             error,
             calls: Mutex::new(HashMap::new()),
         }
@@ -46,12 +50,22 @@ impl<S: ObjectStore> FailFirst<S> {
         }
     }
 
+    /// Makes the first `n` streams that open deliver their first kilobyte and then end with
+    /// `error()`, as a dropped connection does.
+    pub fn cut_first(self, n: u32) -> FailFirst<S> {
+        FailFirst {
+            cut_first: n,
+            ..self
+        }
+    }
+
     /// How many attempts of `op` were made.
     pub fn calls(&self, op: Op) -> u32 {
         self.calls.lock().unwrap().get(&op).copied().unwrap_or(0)
     }
 
-    async fn inject(&self, op: Op) -> Result<(), StorageError> {
+    /// Counts an attempt of `op` and fails or hangs it as configured; returns its number.
+    async fn inject(&self, op: Op) -> Result<u32, StorageError> {
         let n = {
             let mut calls = self.calls.lock().unwrap();
             let n = calls.entry(op).or_insert(0);
@@ -64,7 +78,7 @@ impl<S: ObjectStore> FailFirst<S> {
         if n <= self.fail_first {
             return Err((self.error)());
         }
-        Ok(())
+        Ok(n)
     }
 }
 
@@ -94,8 +108,18 @@ impl<S: ObjectStore> ObjectStore for FailFirst<S> {
     }
 
     async fn get_stream(&self, key: &str) -> Result<ByteStream, StorageError> {
-        self.inject(Op::Get).await?;
-        self.inner.get_stream(key).await
+        let attempt = self.inject(Op::Get).await?;
+        let stream = self.inner.get_stream(key).await?;
+        if attempt > self.cut_first {
+            return Ok(stream);
+        }
+        let chunks: Vec<Bytes> = stream.try_collect().await?;
+        let whole = Bytes::from(chunks.concat());
+        let first = whole.slice(..whole.len().min(1024));
+        Ok(Box::pin(futures::stream::iter([
+            Ok(first),
+            Err((self.error)()),
+        ])))
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {

@@ -17,7 +17,7 @@ mod retry;
 pub mod s3;
 
 #[cfg(test)]
-mod fault;
+pub(crate) mod fault;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
