@@ -611,9 +611,10 @@ fn finish(db: &Path, output: &Path) -> Result<(), RestoreError> {
     let checked = (|| {
         let conn = Connection::open(db).map_err(RestoreError::Check)?;
         // Through a memory map the check reads pages without a system call and a copy each
-        // (0.41 s instead of 0.65 s on a 1 GiB database). The mapped pages are clean page
-        // cache the kernel can drop at any time, but they count in the process's RSS while
-        // mapped: a restore's peak RSS includes the database's size.
+        // (0.41 s instead of 0.65 s on a 1 GiB database, timed with SQLite 3.40.1; a whole
+        // restore's check and fsync 0.5–0.6 s instead of 0.8–0.95 s). The mapped pages are
+        // clean page cache the kernel can drop at any time, but they count in the process's
+        // RSS while mapped: a restore's peak RSS includes the database's size.
         let size = fs::metadata(db).map_err(io_err(db))?.len();
         conn.pragma_update(None, "mmap_size", size as i64)
             .map_err(RestoreError::Check)?;
