@@ -569,23 +569,39 @@ async fn restore_before_start(db: &walden::config::DbConfig) -> bool {
     }
 }
 
+/// How many start-up checks run at once. One after another, a thousand databases on a store
+/// 30 ms away would wait 30 s before replication started.
+const CHECKS_IN_FLIGHT: usize = 32;
+
 /// Checks every replica once before replicating: a permanent problem (credentials, a missing
 /// bucket, a bad setting) stops the start with a one-line error, because running on would
 /// only log failures forever; a transient one (the endpoint is down) is logged and replication
-/// starts anyway, retrying until the store is back.
+/// starts anyway, retrying until the store is back. Checks run concurrently; the first
+/// permanent problem in config order is the one reported.
 async fn check_replicas(cfg: &Config) -> Result<()> {
-    for db in &cfg.dbs {
-        for rc in &db.replicas {
+    use futures::stream::{self, StreamExt};
+    let checks = cfg
+        .dbs
+        .iter()
+        .flat_map(|db| db.replicas.iter().map(move |rc| (db, rc)))
+        .map(|(db, rc)| async move {
             let replica = Replica::open(rc, RetryPolicy::probe())
                 .with_context(|| format!("{}: replica {}", db.path.display(), rc.name))?;
-            match replica.check().await {
-                Ok(()) => {}
-                Err(e) if e.is_permanent() => {
-                    bail!("{}: replica {}: {e}", db.path.display(), rc.name)
-                }
-                Err(e) => tracing::warn!(db = %db.path.display(), replica = %rc.name,
-                    error = %e, "replica not reachable yet; will keep retrying"),
+            anyhow::Ok((db, rc, replica.check().await))
+        });
+    let outcomes: Vec<_> = stream::iter(checks)
+        .buffered(CHECKS_IN_FLIGHT)
+        .collect()
+        .await;
+    for outcome in outcomes {
+        let (db, rc, checked) = outcome?;
+        match checked {
+            Ok(()) => {}
+            Err(e) if e.is_permanent() => {
+                bail!("{}: replica {}: {e}", db.path.display(), rc.name)
             }
+            Err(e) => tracing::warn!(db = %db.path.display(), replica = %rc.name,
+                error = %e, "replica not reachable yet; will keep retrying"),
         }
     }
     Ok(())

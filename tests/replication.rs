@@ -144,6 +144,56 @@ fn several_databases_with_several_replicas_replicate_concurrently() {
     }
 }
 
+/// The start-up checks of many replicas run at once, but a permanent problem still stops the
+/// start with one line, and with several such problems it is the first in config order: here
+/// two databases name buckets that do not exist, after and between ones that are fine.
+#[test]
+fn a_start_with_several_missing_buckets_names_the_first_in_config_order() {
+    let s3 = shared_s3();
+    let work = tempfile::tempdir().unwrap();
+    let tag = rand::random::<u32>();
+    let first = format!("walden-missing-a-{tag:08x}");
+    let second = format!("walden-missing-b-{tag:08x}");
+    let mut config = String::from("dbs:\n");
+    for i in 0..6 {
+        let db = work.path().join(format!("db{i}.db"));
+        app_writer(&db);
+        config += &format!("  - path: {}\n    replicas:\n", db.display());
+        let replica = s3_replica(s3, "s3", &s3.prefix(&format!("check-{i}")), "");
+        config += &match i {
+            3 => replica.replace(
+                &format!("bucket: {}\n", s3.bucket),
+                &format!("bucket: {first}\n"),
+            ),
+            5 => replica.replace(
+                &format!("bucket: {}\n", s3.bucket),
+                &format!("bucket: {second}\n"),
+            ),
+            _ => replica,
+        };
+    }
+    let cfg = work.path().join("walden.yml");
+    std::fs::write(&cfg, config).unwrap();
+    let output = support::run(
+        Command::new(walden_bin())
+            .args(["replicate", "-config"])
+            .arg(&cfg)
+            .env_clear()
+            .envs(walden_env(s3)),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let db3 = work.path().join("db3.db");
+    assert!(
+        errors[0].contains(&first) && errors[0].contains(&*db3.to_string_lossy()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&second), "{stderr}");
+}
+
 /// A snapshot requested by the final sync itself (snapshot-interval elapsed) must not run after
 /// that sync: its checkpoint changes the database (Litestream's `_litestream_seq` row) and the
 /// change would never be uploaded. Each round leaves several megabytes for the final upload,
