@@ -4,8 +4,10 @@
 //! Litestream wrote, so every name and every byte of framing here follows the v0.3.13 format
 //! (spec §1 and §2) rather than anything more convenient.
 //!
-//! LZ4 frames are written by `lz4_flex` configured to v0.3.13's exact header, but read by a
-//! small decoder of our own ([`lz4_decoder`]): `lz4_flex`'s `FrameDecoder` reports end of stream
+//! Snapshots are written as LZ4 frames with v0.3.13's exact header by `lz4_flex`. WAL segments
+//! are frames with linked blocks, compressed by liblz4's level-2 compressor (through `lzzzz`)
+//! when small: they are most of what a replica uploads, and this made them 3 % smaller than
+//! v0.3.13's. Every frame is read by a small decoder of our own ([`lz4_decoder`]): `lz4_flex`'s `FrameDecoder` reports end of stream
 //! at the zero-length stored block that v0.3.13 emits for snapshots that are a multiple of 4 MiB
 //! (dropping everything after it unchecked), stops after the first of several concatenated frames,
 //! and treats a stream cut off between blocks as complete. A replica that restores silently short
@@ -240,6 +242,11 @@ pub fn wal_segment_key(prefix: &str, generation: &str, pos: Pos) -> String {
 /// header checksum.
 const FRAME_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
 
+/// The same header with the block-independence flag clear (FLG 0x44): blocks may refer to the
+/// 64 KiB of data before them. v0.3.13's reader (pierrec/lz4), Litestream 0.5's and the `lz4`
+/// tool all accept it, as spec §2.3 notes; the interop tests restore such frames with 0.3.13.
+const LINKED_FRAME_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x44, 0x70, 0x1D];
+
 /// The block size streams are encoded with when their length is unknown (snapshots). The header
 /// still announces blocks of up to 4 MiB, exactly as v0.3.13's does (readers size their buffers
 /// from it and accept any smaller block), but 256 KiB blocks keep the encoder at half a megabyte
@@ -249,35 +256,117 @@ const ENCODE_BLOCK: usize = 256 << 10;
 /// The largest block the header allows.
 pub const MAX_BLOCK: usize = 4 << 20;
 
+/// The largest WAL segment [`segment_encoder`] hands to liblz4's level-2 compressor (LZ4MID).
+/// On one-row transactions at 500 tx/s it wrote 6.5 % fewer bytes than `lz4_flex`'s fast
+/// compressor (both with linked 1 MiB blocks) at 1.6 GB/s against 2.5 GB/s. Segments past this
+/// size only come from a backlog or a writer running flat out, where the CPU is worth more than
+/// the bytes, so they take the fast compressor.
+pub const HIGH_COMPRESSION_MAX: usize = 4 << 20;
+
+/// liblz4's lowest high-compression level, LZ4MID in liblz4 1.10.
+const HIGH_LEVEL: i32 = 2;
+
+/// Block size of segments that take the level-2 compressor. Linked, 256 KiB blocks wrote 0.7 %
+/// more bytes than 1 MiB blocks, and keep the caller's read buffer, which stays allocated, at a
+/// quarter of the size.
+const HIGH_BLOCK: usize = 256 << 10;
+
+/// Block size of larger segments: `lz4_flex` indexes the 64 KiB before every linked block
+/// again, which made 256 KiB blocks a third slower than 1 MiB ones.
+const FAST_BLOCK: usize = 1 << 20;
+
 /// LZ4 frame writer producing exactly v0.3.13's header bytes, `04 22 4D 18 64 70 B9`, with
 /// independent blocks and a content checksum; streaming, with memory bounded by one block.
 ///
-/// Matching the header byte for byte is the safest way to stay readable by every Litestream
-/// version, whatever LZ4 features their readers happen to support.
+/// Snapshots use it: matching the header byte for byte is the safest way to stay readable by
+/// every Litestream version, whatever LZ4 features their readers happen to support.
 pub fn lz4_encoder<W: Write>(w: W) -> Lz4Encoder<W> {
     Lz4Encoder {
         w,
+        header: FRAME_HEADER,
         header_written: false,
         block_size: ENCODE_BLOCK,
         block: Vec::new(),
         hasher: XxHash32::with_seed(0),
+        packer: Packer::Independent,
     }
 }
 
-/// An LZ4 frame being written; see [`lz4_encoder`]. Nothing is complete until
-/// [`finish`](Lz4Encoder::finish) writes the end mark and content checksum.
+/// LZ4 frame writer for a WAL segment of `len` bytes, with linked blocks.
+///
+/// Each object starts cold, and linking lets every block after the first match against the one
+/// before it: with 1 MiB blocks that saved 3 % of the bytes, as much as 4 MiB blocks did, without
+/// holding 4 MiB of input at once. Segments up to [`HIGH_COMPRESSION_MAX`] also go through
+/// liblz4's level-2 compressor. Read the input in pieces of [`Lz4Encoder::block_size`].
+pub fn segment_encoder<W: Write>(w: W, len: usize) -> io::Result<Lz4Encoder<W>> {
+    let (packer, block_size) = if len <= HIGH_COMPRESSION_MAX {
+        let mut high = lzzzz::lz4_hc::Compressor::new()?;
+        high.set_compression_level(HIGH_LEVEL);
+        (Packer::LinkedHigh(Box::new(high)), HIGH_BLOCK)
+    } else {
+        (Packer::LinkedFast { tail: Vec::new() }, FAST_BLOCK)
+    };
+    Ok(Lz4Encoder {
+        header: LINKED_FRAME_HEADER,
+        packer,
+        block_size,
+        ..lz4_encoder(w)
+    })
+}
+
+/// How an encoder compresses its blocks.
+enum Packer {
+    /// `lz4_flex`'s fast compressor, every block on its own.
+    Independent,
+    /// `lz4_flex`'s fast compressor with the last 64 KiB of input before the block as its
+    /// dictionary, which is what the decoder of a linked frame has at hand.
+    LinkedFast { tail: Vec<u8> },
+    /// liblz4's streaming high-compression compressor, which keeps that history itself.
+    LinkedHigh(Box<lzzzz::lz4_hc::Compressor<'static>>),
+}
+
+impl Packer {
+    fn pack(&mut self, data: &[u8]) -> io::Result<Vec<u8>> {
+        Ok(match self {
+            Packer::Independent => lz4_flex::block::compress(data),
+            Packer::LinkedFast { tail } => {
+                let packed = lz4_flex::block::compress_with_dict(data, tail);
+                let keep = LZ4_WINDOW.saturating_sub(data.len()).min(tail.len());
+                tail.drain(..tail.len() - keep);
+                tail.extend_from_slice(&data[data.len().saturating_sub(LZ4_WINDOW)..]);
+                packed
+            }
+            Packer::LinkedHigh(high) => {
+                let mut packed = Vec::new();
+                high.next_to_vec(data, &mut packed)?;
+                packed
+            }
+        })
+    }
+}
+
+/// An LZ4 frame being written; see [`lz4_encoder`] and [`segment_encoder`]. Nothing is complete
+/// until [`finish`](Lz4Encoder::finish) writes the end mark and content checksum.
 pub struct Lz4Encoder<W: Write> {
     w: W,
+    header: [u8; 7],
     header_written: bool,
     block_size: usize,
     block: Vec<u8>,
     hasher: XxHash32,
+    packer: Packer,
 }
 
 impl<W: Write> Lz4Encoder<W> {
+    /// The block size this encoder was made for: a caller reading its input in pieces of this
+    /// size can hand each to [`write_block`](Lz4Encoder::write_block).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     fn write_header(&mut self) -> io::Result<()> {
         if !self.header_written {
-            self.w.write_all(&FRAME_HEADER)?;
+            self.w.write_all(&self.header)?;
             self.header_written = true;
         }
         Ok(())
@@ -296,12 +385,13 @@ impl<W: Write> Lz4Encoder<W> {
     }
 
     /// Writes `data` as one block; one that does not shrink is stored as it is (the high bit
-    /// of its size says so), as LZ4 writers do.
+    /// of its size says so), as LZ4 writers do. A linked frame's next block may still refer to
+    /// a stored one: the decoder's window is the decoded data, however it was stored.
     fn emit(&mut self, data: &[u8]) -> io::Result<()> {
         self.write_header()?;
-        // `compress` fills a fresh buffer without zeroing it first; a reused, zero-filled
+        // The compressors fill a fresh buffer without zeroing it first; a reused, zero-filled
         // output buffer of the block's worst-case size showed up as memset in profiles.
-        let packed = lz4_flex::block::compress(data);
+        let packed = self.packer.pack(data)?;
         if packed.len() < data.len() {
             self.w.write_all(&(packed.len() as u32).to_le_bytes())?;
             self.w.write_all(&packed)
@@ -731,6 +821,58 @@ mod tests {
         // The pending 100 bytes, the first call's block, the second's split at MAX_BLOCK.
         assert_eq!(block_words(&frame).len(), 4);
         assert_eq!(decompress(&frame).unwrap(), input);
+    }
+
+    fn segment(input: &[u8], blocks: usize) -> Vec<u8> {
+        let mut e = segment_encoder(Vec::new(), input.len()).unwrap();
+        for block in input.chunks(blocks) {
+            e.write_block(block).unwrap();
+        }
+        e.finish().unwrap()
+    }
+
+    /// 60 KiB of noise twice over (LZ4 reaches back at most 64 KiB - 1), in two blocks: only a
+    /// second block that refers back to the first can shrink, and only a decoder that keeps the
+    /// first as its window gets it back.
+    #[test]
+    fn segment_blocks_refer_to_the_block_before() {
+        let noise = data(60 << 10, false);
+        for len_hint in [HIGH_COMPRESSION_MAX, HIGH_COMPRESSION_MAX + 1] {
+            let mut e = segment_encoder(Vec::new(), len_hint).unwrap();
+            e.write_block(&noise).unwrap();
+            e.write_block(&noise).unwrap();
+            let frame = e.finish().unwrap();
+            assert_eq!(frame[..7], LINKED_FRAME_HEADER);
+            let words = block_words(&frame);
+            assert_eq!(words.len(), 2);
+            assert_ne!(words[0] & BLOCK_STORED, 0, "noise alone does not shrink");
+            assert!(words[1] < 1024, "second block took {} bytes", words[1]);
+            let mut both = noise.clone();
+            both.extend_from_slice(&noise);
+            assert_eq!(decompress(&frame).unwrap(), both);
+        }
+    }
+
+    /// Blocks much smaller than the 64 KiB window, and some larger, so the encoder's history
+    /// must span several blocks exactly as the decoder's does; both compressors.
+    #[test]
+    fn segments_in_blocks_of_any_size_round_trip() {
+        let mut input = Vec::new();
+        for i in 0..100 {
+            input.extend(data(3000 + i * 37, i % 5 == 0));
+            let again = input[input.len() - 3000..input.len() - 1000].to_vec();
+            input.extend(again);
+        }
+        // Repeats at a distance no block size here divides: history from the wrong place
+        // would decode to the wrong bytes, not merely compress worse.
+        input.extend(data(9_973, false).repeat(30));
+        for blocks in [1000, 4096, 70_000, MIB] {
+            assert_eq!(decompress(&segment(&input, blocks)).unwrap(), input);
+        }
+        let big = [data(HIGH_COMPRESSION_MAX, false), input].concat();
+        for blocks in [5000, 70_000, MIB] {
+            assert_eq!(decompress(&segment(&big, blocks)).unwrap(), big);
+        }
     }
 
     /// Deterministic data: `compressible` repeats short text, otherwise xorshift noise that LZ4

@@ -26,6 +26,8 @@ use tempfile::TempDir;
 
 /// Every Litestream v0.3.13 object starts with this LZ4 frame header (magic, FLG, BD, HC).
 const LZ4_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
+/// Walden's WAL segments start with this one instead: the same with linked blocks (FLG 0x44).
+const LINKED_LZ4_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x44, 0x70, 0x1D];
 /// LZ4 block size used by Litestream v0.3.13; a snapshot of a multiple of it ends in an empty block.
 const FOUR_MIB: u64 = 4 * 1024 * 1024;
 /// Config settings that make WAL indexes advance about once a second.
@@ -475,9 +477,10 @@ fn parse_object(name: &str) -> Option<(String, u32, Option<u32>)> {
     }
 }
 
-/// The replica's layout: every object has a v0.3 name and starts with the v0.3 LZ4 header, and
-/// all of them belong to one generation (one uninterrupted run of the replicator must not start
-/// a new one). Returns (snapshot count, distinct WAL indexes).
+/// The replica's layout: every object has a v0.3 name, every snapshot starts with the v0.3 LZ4
+/// header and every WAL segment with it or its linked-block variant, and all of them belong to
+/// one generation (one uninterrupted run of the replicator must not start a new one). Returns
+/// (snapshot count, distinct WAL indexes).
 fn check_layout(target: &Target, s3: &S3Server) -> (usize, BTreeSet<u32>) {
     let names = target.objects(s3);
     assert!(!names.is_empty(), "replica is empty");
@@ -495,10 +498,10 @@ fn check_layout(target: &Target, s3: &S3Server) -> (usize, BTreeSet<u32>) {
             }
         }
         let body = target.read(s3, name);
+        let header = &body[..body.len().min(7)];
         assert!(
-            body.starts_with(&LZ4_HEADER),
-            "object {name:?} starts with {:02x?}, not the v0.3 LZ4 frame header",
-            &body[..body.len().min(7)]
+            header == LZ4_HEADER || (offset.is_some() && header == LINKED_LZ4_HEADER),
+            "object {name:?} starts with {header:02x?}, not a v0.3 LZ4 frame header"
         );
     }
     assert_eq!(generations.len(), 1, "one generation expected: {names:#?}");
@@ -928,6 +931,69 @@ fn database_larger_than_4mib_round_trips_both_ways() {
     )
     .run_with(grow_past_4mib, big_workload);
     assert_larger_than_4mib(&work.path("restored-Walden.db"));
+}
+
+/// One transaction of `rows` rows, each 100 random bytes and 1,000 zeros: pages LZ4 shrinks by
+/// about half, with matches all the way back across block boundaries.
+fn write_compressible(conn: &Connection, batch: &str, rows: usize) {
+    conn.execute_batch("BEGIN").unwrap();
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO t(batch, payload) VALUES (?1, randomblob(100) || zeroblob(1000))",
+        )
+        .unwrap();
+    for _ in 0..rows {
+        stmt.execute([batch]).unwrap();
+    }
+    conn.execute_batch("COMMIT").unwrap();
+}
+
+/// Walden writes WAL segments as LZ4 frames with linked 1 MiB blocks, through liblz4's
+/// level-2 compressor up to 4 MiB and `lz4_flex`'s fast one above. Litestream 0.3.13 must
+/// restore segments of several blocks from both.
+#[test]
+fn walden_segments_of_several_linked_blocks_are_restored_by_litestream() {
+    let s3 = shared_s3();
+    let target = Target::S3(s3.prefix("w2l-linked"));
+    let mut case = Case::new(
+        Tool::Walden,
+        target.clone(),
+        &[Tool::Litestream, Tool::Walden],
+    );
+    // No snapshot after the start, so both restores have to replay every segment.
+    case.replica_extra = vec!["sync-interval: 1s"];
+    case.run_with(
+        |_, _| {},
+        |conn| {
+            write_compressible(conn, "mid", 2_000);
+            thread::sleep(Duration::from_millis(2500));
+            write_compressible(conn, "large", 5_000);
+            thread::sleep(Duration::from_millis(2500));
+        },
+    );
+    let names = target.objects(s3);
+    let snapshots = names
+        .iter()
+        .filter(|n| n.ends_with(".snapshot.lz4"))
+        .count();
+    assert_eq!(snapshots, 1, "{names:#?}");
+    let mut raw_sizes = Vec::new();
+    for name in names {
+        if name.ends_with(".wal.lz4") {
+            let body = target.read(s3, &name);
+            assert_eq!(body[..7], LINKED_LZ4_HEADER, "{name}");
+            raw_sizes.push(walden::format::decompress(&body).unwrap().len());
+        }
+    }
+    let mib = 1 << 20;
+    assert!(
+        raw_sizes.iter().any(|&n| n > mib && n <= 4 * mib),
+        "no segment of 1-4 MiB: {raw_sizes:?}"
+    );
+    assert!(
+        raw_sizes.iter().any(|&n| n > 4 * mib),
+        "no segment over 4 MiB: {raw_sizes:?}"
+    );
 }
 
 /// Grows the source to exactly `pages` 4 KiB pages with a blob table and checkpoints it with

@@ -59,10 +59,6 @@ pub enum ReplicateError {
 /// Largest raw WAL range sent as one segment, so an upload never holds more than this in
 /// memory; a larger backlog goes up as several consecutive segments.
 const MAX_SEGMENT: u64 = 8 << 20;
-/// LZ4 block size for WAL segments. On one-row transactions, 2 MiB segments shrank by 13 %
-/// going from 256 KiB to 1 MiB blocks and by only 2 % more at 4 MiB, which cost 5 MB of peak
-/// RSS instead of 2.
-const SEGMENT_BLOCK: usize = 1 << 20;
 
 /// The state the database task publishes for its uploaders.
 #[derive(Debug, Clone, Default)]
@@ -1144,8 +1140,8 @@ fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos, page_si
 fn compress_range(path: &std::path::Path, offset: u64, end: u64) -> std::io::Result<Vec<u8>> {
     let f = std::fs::File::open(path)?;
     let len = (end - offset) as usize;
-    let mut enc = format::lz4_encoder(Vec::new());
-    with_scratch(len.min(SEGMENT_BLOCK), |buf| {
+    let mut enc = format::segment_encoder(Vec::new(), len)?;
+    with_scratch(len.min(enc.block_size()), |buf| {
         let mut at = offset;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
