@@ -6,7 +6,7 @@
 //!
 //! Snapshots are written as LZ4 frames with v0.3.13's exact header by `lz4_flex`. WAL segments
 //! are frames with linked blocks, compressed by liblz4's level-2 compressor (through `lzzzz`)
-//! when small: they are most of what a replica uploads, and this made them 3 % smaller than
+//! when small: they are most of what a replica uploads, and this made them 2 % smaller than
 //! v0.3.13's. Every frame is read by a small decoder of our own ([`lz4_decoder`]): `lz4_flex`'s `FrameDecoder` reports end of stream
 //! at the zero-length stored block that v0.3.13 emits for snapshots that are a multiple of 4 MiB
 //! (dropping everything after it unchecked), stops after the first of several concatenated frames,
