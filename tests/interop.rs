@@ -948,9 +948,9 @@ fn write_compressible(conn: &Connection, batch: &str, rows: usize) {
     conn.execute_batch("COMMIT").unwrap();
 }
 
-/// Walden writes WAL segments as LZ4 frames with linked 1 MiB blocks, through liblz4's
-/// level-2 compressor up to 4 MiB and `lz4_flex`'s fast one above. Litestream 0.3.13 must
-/// restore segments of several blocks from both.
+/// Walden writes WAL segments as LZ4 frames with linked blocks: up to 4 MiB through liblz4's
+/// level-2 compressor in 256 KiB blocks, above that through `lz4_flex`'s fast one in 1 MiB
+/// blocks. Litestream 0.3.13 must restore segments of several blocks from both.
 #[test]
 fn walden_segments_of_several_linked_blocks_are_restored_by_litestream() {
     let s3 = shared_s3();
