@@ -244,8 +244,9 @@ pub fn wal_segment_key(prefix: &str, generation: &str, pos: Pos) -> String {
 const FRAME_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x64, 0x70, 0xB9];
 
 /// The same header with the block-independence flag clear (FLG 0x44): blocks may refer to the
-/// 64 KiB of data before them. v0.3.13's reader (pierrec/lz4), Litestream 0.5's and the `lz4`
-/// tool all accept it, as spec §2.3 notes; the interop tests restore such frames with 0.3.13.
+/// 64 KiB of data before them. v0.3.13's reader (pierrec/lz4) accepts it, as spec §2.3 notes,
+/// and the interop tests restore such frames with 0.3.13; Litestream 0.5.17's restore and
+/// `lz4 -d` read them too.
 const LINKED_FRAME_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x44, 0x70, 0x1D];
 
 /// The block size streams are encoded with when their length is unknown (snapshots). The header
