@@ -333,9 +333,7 @@ impl Packer {
             Packer::Independent => lz4_flex::block::compress(data),
             Packer::LinkedFast { tail } => {
                 let packed = lz4_flex::block::compress_with_dict(data, tail);
-                let keep = LZ4_WINDOW.saturating_sub(data.len()).min(tail.len());
-                tail.drain(..tail.len() - keep);
-                tail.extend_from_slice(&data[data.len().saturating_sub(LZ4_WINDOW)..]);
+                slide_window(tail, data);
                 packed
             }
             Packer::LinkedHigh(high) => {
@@ -512,6 +510,14 @@ const BLOCK_STORED: u32 = 0x8000_0000;
 
 /// How far back a linked LZ4 block may refer into earlier output.
 const LZ4_WINDOW: usize = 64 * 1024;
+
+/// Keeps `window` at the last `LZ4_WINDOW` bytes of all the data passed through it, the
+/// history a linked block may refer to, copying no more of `data` than it keeps.
+fn slide_window(window: &mut Vec<u8>, data: &[u8]) {
+    let keep = LZ4_WINDOW.saturating_sub(data.len()).min(window.len());
+    window.drain(..window.len() - keep);
+    window.extend_from_slice(&data[data.len().saturating_sub(LZ4_WINDOW)..]);
+}
 
 /// A reader of LZ4 frames; see [`lz4_decoder`].
 pub struct Lz4Decoder<R> {
@@ -721,9 +727,7 @@ impl<R: Read> Lz4Decoder<R> {
         frame.hasher.write(decoded);
         frame.produced += decoded.len() as u64;
         if frame.linked {
-            frame.window.extend_from_slice(decoded);
-            let excess = frame.window.len().saturating_sub(LZ4_WINDOW);
-            frame.window.drain(..excess);
+            slide_window(&mut frame.window, decoded);
         }
         Ok(())
     }
@@ -1158,6 +1162,10 @@ mod tests {
     fn lz4_cli_decodes_our_output() {
         let input = [data(5 * MIB, false), data(4 * MIB + 17, true)].concat();
         assert!(lz4_cli(&["-d"], &compress(&input)) == input);
+        // Segments, with linked blocks from either compressor.
+        assert!(lz4_cli(&["-d"], &segment(&input, FAST_BLOCK)) == input);
+        let small = [data(MIB, false), data(2 * MIB, true)].concat();
+        assert!(lz4_cli(&["-d"], &segment(&small, HIGH_BLOCK)) == small);
     }
 
     #[test]
