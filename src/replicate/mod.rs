@@ -22,8 +22,7 @@ use crate::observe::metrics::metrics;
 use crate::replica::Replica;
 use crate::storage::{Body, RetryPolicy, StorageError};
 use crate::verify::{self, Verdict};
-use crate::wal;
-use db::{Db, DbError, LocalSnapshot, Position};
+use db::{Db, DbError, LocalSegment, LocalSnapshot, Position};
 
 impl ReplicateError {
     /// A short, stable name for the `walden_errors_total` metric.
@@ -55,10 +54,6 @@ pub enum ReplicateError {
     #[error("{0}")]
     Internal(String),
 }
-
-/// Largest raw WAL range sent as one segment, so an upload never holds more than this in
-/// memory; a larger backlog goes up as several consecutive segments.
-const MAX_SEGMENT: u64 = 8 << 20;
 
 /// The state the database task publishes for its uploaders.
 #[derive(Debug, Clone, Default)]
@@ -428,12 +423,7 @@ async fn run_db(
         let started = std::time::Instant::now();
         let result = blocking(&db, move |db| {
             let report = db.sync()?;
-            Ok::<_, DbError>((
-                report,
-                db.publishable(closing),
-                db.page_size(),
-                db.wal_size(),
-            ))
+            Ok::<_, DbError>((report, db.publish(closing)?, db.page_size(), db.wal_size()))
         })
         .await;
         let m = metrics();
@@ -499,10 +489,15 @@ async fn run_db(
                     tracing::info!(db = %path.display(), generation = %snap.generation,
                         index = snap.index, size = snap.size, "snapshot taken");
                     acks = vec![false; replica_count];
-                    let position = blocking(&db, |db| db.position()).await;
+                    let position = blocking(&db, |db| db.publish(true)).await;
+                    if let Err(e) = &position {
+                        tracing::warn!(db = %path.display(), error = %e, "cannot seal the shadow segment after the snapshot; the next sync retries");
+                    }
                     status.send_modify(|s| {
                         s.snapshot = Some(Arc::new(snap));
-                        s.position = position;
+                        if let Ok(position) = position {
+                            s.position = position;
+                        }
                     });
                 }
                 Err(DbError::Busy(msg)) => tracing::debug!(db = %path.display(), "{msg}"),
@@ -738,7 +733,7 @@ impl Uploader {
         let bytes = match (&status.position, &self.pos) {
             (None, _) => 0,
             (Some(current), Some((generation, pos))) if *generation == current.generation => {
-                pending_between(&self.meta_path, current, *pos, status.page_size)
+                pending_between(&self.meta_path, current, *pos)
             }
             (Some(current), _) => current.pos.offset,
         };
@@ -827,7 +822,7 @@ impl Uploader {
         {
             self.request_snapshot();
         }
-        self.upload_segments(&current, status.page_size).await?;
+        self.upload_segments(&current).await?;
         Ok(())
     }
 
@@ -882,8 +877,8 @@ impl Uploader {
                 self.cfg.name, current.pos
             )));
         }
-        let shadow = db::shadow_file(&self.meta_path, generation, pos.index);
-        if !shadow.exists() {
+        if pos < current.pos && segment_at(&self.meta_path, generation, pos, current.pos).is_none()
+        {
             return self.start_from_local_snapshot(current, status).await;
         }
         self.set_pos(generation, pos);
@@ -981,11 +976,7 @@ impl Uploader {
         Ok(())
     }
 
-    async fn upload_segments(
-        &mut self,
-        current: &Position,
-        page_size: u32,
-    ) -> Result<(), ReplicateError> {
+    async fn upload_segments(&mut self, current: &Position) -> Result<(), ReplicateError> {
         loop {
             let Some((generation, pos)) = self.pos.clone() else {
                 return Ok(());
@@ -993,14 +984,16 @@ impl Uploader {
             if pos >= current.pos {
                 return Ok(());
             }
-            let shadow = db::shadow_file(&self.meta_path, &generation, pos.index);
-            let end = if pos.index == current.pos.index {
-                current.pos.offset
-            } else {
-                let len = std::fs::metadata(&shadow).map(|m| m.len()).unwrap_or(0);
-                wal::align(len, page_size)
+            let Some(next) = segment_at(&self.meta_path, &generation, pos, current.pos) else {
+                return Err(ReplicateError::Db(DbError::Io {
+                    path: self.meta_path.join("generations").join(&generation),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no shadow segment at {pos:?}"),
+                    ),
+                }));
             };
-            if pos.offset >= end {
+            let Some(seg) = next else {
                 self.set_pos(
                     &generation,
                     Pos {
@@ -1009,39 +1002,30 @@ impl Uploader {
                     },
                 );
                 continue;
-            }
-            let limit = wal::align(pos.offset + MAX_SEGMENT, page_size)
-                .max(pos.offset + wal::frame_size(page_size));
-            let chunk_end = end.min(limit);
-            let path = shadow.clone();
-            let offset = pos.offset;
-            let compressed =
-                tokio::task::spawn_blocking(move || compress_range(&path, offset, chunk_end))
-                    .await
-                    .map_err(|e| ReplicateError::Internal(e.to_string()))?
-                    .map_err(|source| {
-                        ReplicateError::Db(DbError::Io {
-                            path: shadow.clone(),
-                            source,
-                        })
-                    })?;
-            let size = compressed.len();
+            };
+            let data = tokio::fs::read(&seg.path).await.map_err(|source| {
+                ReplicateError::Db(DbError::Io {
+                    path: seg.path.clone(),
+                    source,
+                })
+            })?;
+            let size = data.len();
             self.replica
-                .put_segment(&generation, pos, Body::Bytes(compressed.into()))
+                .put_segment(&generation, pos, Body::Bytes(data.into()))
                 .await
                 .map_err(|e| self.storage_err(e))?;
             self.confirmed();
             metrics()
                 .replica_wal_bytes
                 .with_label_values(&[&self.label(), &self.cfg.name])
-                .inc_by(chunk_end - pos.offset);
+                .inc_by(seg.end - seg.start);
             tracing::debug!(replica = %self.cfg.name, generation = %generation,
-                index = pos.index, offset = pos.offset, raw = chunk_end - pos.offset, size, "wal segment uploaded");
+                index = pos.index, offset = pos.offset, raw = seg.end - seg.start, size, "wal segment uploaded");
             self.set_pos(
                 &generation,
                 Pos {
                     index: pos.index,
-                    offset: chunk_end,
+                    offset: seg.end,
                 },
             );
         }
@@ -1112,71 +1096,49 @@ impl Uploader {
     }
 }
 
-/// Committed bytes between a replica's position and the database's, counting whole shadow
-/// files for the indexes in between.
-fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos, page_size: u32) -> u64 {
+/// The shadow segment a replica at `pos` uploads next: `Some(Some(_))` for the one starting
+/// there, `Some(None)` when `pos` is past every segment of an index before `current` (the
+/// replica moves on to the next index), `None` when no segment starts there: a shadow lost
+/// under a running replica, or a replica written by another tool or version, whose segments
+/// end elsewhere.
+fn segment_at(
+    meta: &std::path::Path,
+    generation: &str,
+    pos: Pos,
+    current: Pos,
+) -> Option<Option<LocalSegment>> {
+    let segments = db::local_segments(meta, generation);
+    let mut of_index = segments
+        .into_iter()
+        .filter(|g| g.index == pos.index)
+        .peekable();
+    of_index.peek()?;
+    let mut last_end = 0;
+    for g in of_index {
+        if g.start == pos.offset {
+            return Some(Some(g));
+        }
+        last_end = last_end.max(g.end);
+    }
+    (pos.offset >= last_end && pos.index < current.index).then_some(None)
+}
+
+/// Committed bytes between a replica's position and the database's, counting the shadow
+/// segments of the indexes in between.
+fn pending_between(meta: &std::path::Path, current: &Position, pos: Pos) -> u64 {
     if pos >= current.pos {
         return 0;
     }
     if pos.index == current.pos.index {
         return current.pos.offset - pos.offset;
     }
-    let mut total = current.pos.offset;
-    for index in pos.index..current.pos.index {
-        let len = std::fs::metadata(db::shadow_file(meta, &current.generation, index))
-            .map_or(0, |m| m.len());
-        let size = wal::align(len, page_size);
-        total += if index == pos.index {
-            size.saturating_sub(pos.offset)
-        } else {
-            size
-        };
-    }
-    total
-}
-
-/// Compresses `[offset, end)` of a shadow file, read a block at a time so the encoder
-/// compresses each straight from the read buffer.
-fn compress_range(path: &std::path::Path, offset: u64, end: u64) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)?;
-    let len = (end - offset) as usize;
-    let mut enc = format::segment_encoder(Vec::new(), len)?;
-    with_scratch(len.min(enc.block_size()), |buf| {
-        let mut at = offset;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], at)?;
-            enc.write_block(&buf[..n])?;
-            at += n as u64;
-        }
-        Ok::<_, std::io::Error>(())
-    })?;
-    enc.finish().map_err(std::io::Error::other)
-}
-
-/// The read buffer of copies and compressions, kept at its largest size: allocated anew each
-/// time, its page faults and zeroing were a sixth of Walden's CPU time with a writer at
-/// 500 tx/s. One for the process, not one per database or per blocking thread, so that memory
-/// does not grow with either; a call that finds it in use (a copy while an upload compresses)
-/// allocates a buffer of its own for that call.
-static SCRATCH: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-/// Runs `f` on the scratch buffer cut to `len` bytes, whose contents are whatever the last user
-/// left there.
-fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    let slot = || {
-        SCRATCH
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
-    let mut buf = std::mem::take(&mut *slot());
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    let out = f(&mut buf[..len]);
-    let mut kept = slot();
-    if kept.len() < buf.len() {
-        *kept = buf;
-    }
-    out
+    let earlier: u64 = db::local_segments(meta, &current.generation)
+        .iter()
+        .filter(|g| g.index >= pos.index && g.index < current.pos.index)
+        .map(|g| {
+            let from = if g.index == pos.index { pos.offset } else { 0 };
+            g.end.saturating_sub(g.start.max(from))
+        })
+        .sum();
+    earlier + current.pos.offset
 }
