@@ -18,6 +18,7 @@
 
 use std::hash::Hasher;
 use std::io::{self, Read, Write};
+use std::sync::Mutex;
 
 use twox_hash::XxHash32;
 
@@ -294,26 +295,88 @@ pub fn lz4_encoder<W: Write>(w: W) -> Lz4Encoder<W> {
     }
 }
 
-/// LZ4 frame writer for a WAL segment of `len` bytes, with linked blocks.
+/// LZ4 frame writer for a WAL segment of about `len` bytes, with linked blocks.
 ///
 /// Each object starts cold, and linking lets every block after the first match against the one
 /// before it: with 1 MiB blocks that saved 3 % of the bytes, as much as 4 MiB blocks did, without
 /// holding 4 MiB of input at once. Segments up to 4 MiB (`HIGH_COMPRESSION_MAX`) also go
-/// through liblz4's level-2 compressor. Read the input in pieces of [`Lz4Encoder::block_size`].
-pub fn segment_encoder<W: Write>(w: W, len: usize) -> io::Result<Lz4Encoder<W>> {
-    let (packer, block_size) = if len <= HIGH_COMPRESSION_MAX {
-        let mut high = lzzzz::lz4_hc::Compressor::new()?;
-        high.set_compression_level(HIGH_LEVEL);
-        (Packer::LinkedHigh(Box::new(high)), HIGH_BLOCK)
+/// through liblz4's level-2 compressor. Hand it the input with
+/// [`write_block`](Lz4Encoder::write_block) in pieces of up to [`segment_block_size`].
+pub fn segment_encoder<W: Write>(w: W, len: usize) -> Lz4Encoder<W> {
+    let packer = if len <= HIGH_COMPRESSION_MAX {
+        Packer::LinkedHigh(SpareHigh(None))
     } else {
-        (Packer::LinkedFast { tail: Vec::new() }, FAST_BLOCK)
+        Packer::LinkedFast { tail: Vec::new() }
     };
-    Ok(Lz4Encoder {
+    Lz4Encoder {
         header: LINKED_FRAME_HEADER,
         packer,
-        block_size,
+        block_size: segment_block_size(len),
         ..lz4_encoder(w)
-    })
+    }
+}
+
+/// The block size [`segment_encoder`] picks for a segment of about `len` bytes.
+pub fn segment_block_size(len: usize) -> usize {
+    if len <= HIGH_COMPRESSION_MAX {
+        HIGH_BLOCK
+    } else {
+        FAST_BLOCK
+    }
+}
+
+/// Level-2 compressor states (256 KiB each) that segments gave back, for the next ones. One
+/// allocated and freed per segment, between other long-lived allocations of the databases,
+/// left holes glibc's heap could not reuse: with 1,000 databases that held 150 MB, half of
+/// Walden's memory. At most `SPARE_HIGH_MAX` are kept, as many as segments were ever encoded at
+/// once, which the blocking pool bounds.
+static SPARE_HIGH: Mutex<Vec<lzzzz::lz4_hc::Compressor<'static>>> = Mutex::new(Vec::new());
+const SPARE_HIGH_MAX: usize = 8;
+
+/// A level-2 compressor borrowed from [`SPARE_HIGH`] when first used and given back when
+/// parked or dropped.
+struct SpareHigh(Option<lzzzz::lz4_hc::Compressor<'static>>);
+
+impl SpareHigh {
+    /// The compressor, taken with no history (reset if it was used before) if none is held.
+    fn get(&mut self) -> io::Result<&mut lzzzz::lz4_hc::Compressor<'static>> {
+        if self.0.is_none() {
+            let spare = SPARE_HIGH
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            self.0 = Some(match spare {
+                Some(mut high) => {
+                    high.attach_dict(None, HIGH_LEVEL);
+                    high
+                }
+                None => {
+                    let mut high = lzzzz::lz4_hc::Compressor::new()?;
+                    high.set_compression_level(HIGH_LEVEL);
+                    high
+                }
+            });
+        }
+        Ok(self.0.as_mut().expect("just taken"))
+    }
+
+    fn release(&mut self) {
+        let mut spares = SPARE_HIGH
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spares.len() < SPARE_HIGH_MAX
+            && let Some(high) = self.0.take()
+        {
+            spares.push(high);
+        }
+        self.0 = None;
+    }
+}
+
+impl Drop for SpareHigh {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// How an encoder compresses its blocks.
@@ -324,7 +387,7 @@ enum Packer {
     /// dictionary, which is what the decoder of a linked frame has at hand.
     LinkedFast { tail: Vec<u8> },
     /// liblz4's streaming high-compression compressor, which keeps that history itself.
-    LinkedHigh(Box<lzzzz::lz4_hc::Compressor<'static>>),
+    LinkedHigh(SpareHigh),
 }
 
 impl Packer {
@@ -338,7 +401,7 @@ impl Packer {
             }
             Packer::LinkedHigh(high) => {
                 let mut packed = Vec::new();
-                high.next_to_vec(data, &mut packed)?;
+                high.get()?.next_to_vec(data, &mut packed)?;
                 packed
             }
         })
@@ -413,6 +476,17 @@ impl<W: Write> Lz4Encoder<W> {
             self.emit(block)?;
         }
         Ok(())
+    }
+
+    /// Lets go of the compressor's history (liblz4's level-2 state goes back for other
+    /// segments), for an encoder that waits across ticks: the next block starts cold, which a
+    /// linked frame allows, at the cost of its first matches.
+    pub fn park(&mut self) {
+        match &mut self.packer {
+            Packer::Independent => {}
+            Packer::LinkedFast { tail } => *tail = Vec::new(),
+            Packer::LinkedHigh(high) => high.release(),
+        }
     }
 
     /// Writes the last block, the end mark and the content checksum, and hands back the writer.
@@ -830,7 +904,7 @@ mod tests {
     }
 
     fn segment(input: &[u8], blocks: usize) -> Vec<u8> {
-        let mut e = segment_encoder(Vec::new(), input.len()).unwrap();
+        let mut e = segment_encoder(Vec::new(), input.len());
         for block in input.chunks(blocks) {
             e.write_block(block).unwrap();
         }
@@ -844,7 +918,7 @@ mod tests {
     fn segment_blocks_refer_to_the_block_before() {
         let noise = data(60 << 10, false);
         for len_hint in [HIGH_COMPRESSION_MAX, HIGH_COMPRESSION_MAX + 1] {
-            let mut e = segment_encoder(Vec::new(), len_hint).unwrap();
+            let mut e = segment_encoder(Vec::new(), len_hint);
             e.write_block(&noise).unwrap();
             e.write_block(&noise).unwrap();
             let frame = e.finish().unwrap();
@@ -856,6 +930,50 @@ mod tests {
             let mut both = noise.clone();
             both.extend_from_slice(&noise);
             assert_eq!(decompress(&frame).unwrap(), both);
+        }
+    }
+
+    /// A level-2 compressor handed back and reused starts the next segment with no history:
+    /// the second segment repeats the first, so anything it referred to there would not decode
+    /// in a frame of its own. Many at once exercise the cap on kept compressors.
+    #[test]
+    fn reused_level_two_compressors_start_cold() {
+        let noise = data(60 << 10, false);
+        let encode = || {
+            let mut e = segment_encoder(Vec::new(), noise.len());
+            e.write_block(&noise).unwrap();
+            e
+        };
+        let many: Vec<_> = (0..SPARE_HIGH_MAX + 3).map(|_| encode()).collect();
+        for e in many {
+            assert_eq!(decompress(&e.finish().unwrap()).unwrap(), noise);
+        }
+        for _ in 0..3 {
+            let frame = encode().finish().unwrap();
+            let words = block_words(&frame);
+            assert_ne!(
+                words[0] & BLOCK_STORED,
+                0,
+                "noise with no history does not shrink"
+            );
+            assert_eq!(decompress(&frame).unwrap(), noise);
+        }
+        assert!(SPARE_HIGH.lock().unwrap().len() <= SPARE_HIGH_MAX);
+    }
+
+    /// A parked encoder's next block starts cold, and the frame still decodes.
+    #[test]
+    fn a_parked_segment_goes_on_without_history() {
+        let noise = data(60 << 10, false);
+        for len_hint in [HIGH_COMPRESSION_MAX, HIGH_COMPRESSION_MAX + 1] {
+            let mut e = segment_encoder(Vec::new(), len_hint);
+            e.write_block(&noise).unwrap();
+            e.park();
+            e.write_block(&noise).unwrap();
+            let frame = e.finish().unwrap();
+            let words = block_words(&frame);
+            assert_ne!(words[1] & BLOCK_STORED, 0, "nothing before it to refer to");
+            assert_eq!(decompress(&frame).unwrap(), noise.repeat(2));
         }
     }
 

@@ -198,30 +198,26 @@ pub struct Db {
     /// see [`Db::publishable`].
     restarted_after: Option<Pos>,
     /// The current boot's name while shadow writes go unflushed (see [`UNSYNCED_FILE`]); `None`
-    /// where the kernel does not say, and then every copy is flushed as it is made.
+    /// where the kernel does not say, and then every segment is flushed as it is sealed.
     boot: Option<String>,
 }
 
-/// Shadow files stop growing well before offsets reach the 4 GiB that v0.3.13's 8-digit names
+/// WAL indexes stop growing well before offsets reach the 4 GiB that v0.3.13's 8-digit names
 /// can hold; a WAL that grows past this (checkpoints blocked for a long time) starts a new
 /// generation instead of writing names v0.3.13 would silently skip.
 const MAX_SHADOW_SIZE: u64 = 0xF000_0000;
 /// Where the kernel names the current boot; the name changes whenever the machine starts.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
-/// Shadow WAL files are written without fsync. They live a few seconds, until every replica
+/// Shadow segments are written without fsync. They live a few seconds, until every replica
 /// has their frames, and while the machine stays up the page cache keeps them whatever happens
 /// to the process (a crash, SIGKILL, the OOM killer). Only a restart of the machine can lose
 /// writes that were not flushed, and then the shadow no longer proves what was uploaded. This
 /// file in the metadata directory names the boot under which such writes were made: a start
 /// under another boot trusts no shadow and begins a new generation, and a clean shutdown
-/// flushes the shadow files and removes the file. (An fdatasync after every copy was a tenth
-/// of Walden's CPU at 500 tx/s, and wrote every WAL byte to disk once more.)
+/// flushes the shadow segments and removes the file. (An fdatasync of the raw shadow WAL after
+/// every copy was a tenth of Walden's CPU at 500 tx/s.)
 const UNSYNCED_FILE: &str = "unsynced";
-
-/// Frames are copied in chunks so memory stays bounded whatever the transaction size; larger
-/// chunks only save system calls, which cost little next to the copying itself.
-const COPY_CHUNK: u64 = 256 << 10;
 
 /// Raw size at which a segment is sealed even before it is published, so that a backlog, a
 /// writer flat out or the first copy of a large WAL is uploaded as objects of bounded size
@@ -277,8 +273,10 @@ impl Db {
     /// after a checkpoint restarted the WAL, the new index holds our `_litestream_seq` write
     /// and the few commits that waited for the checkpoint's write lock: shipping them in the
     /// same sync as the old index's last frames costs a second PUT (4,680 PUTs an hour instead
-    /// of 3,840 in the benchmark's run at 500 transactions a second), so they wait, still open,
-    /// for the next tick's frames to join them, one tick later than the commits before them.
+    /// of 3,840 in the benchmark's run at 500 transactions a second), so they wait, still open
+    /// but parked (see [`format::Lz4Encoder::park`]: a thousand databases would otherwise each
+    /// hold a compressor's 320 KiB), for the next tick's frames to join them, one tick later
+    /// than the commits before them.
     /// A final sync (`everything`) ships them too, so the replica ends exactly where the
     /// database does.
     pub fn publish(&mut self, everything: bool) -> Result<Option<Position>, DbError> {
@@ -295,10 +293,12 @@ impl Db {
                 offset: o.start + o.len,
             } <= p.pos
         };
-        if let (Some(open), Some(p)) = (&self.open_segment, &position)
-            && covered(open, p)
-        {
-            self.seal()?;
+        if let (Some(open), Some(p)) = (&mut self.open_segment, &position) {
+            if covered(open, p) {
+                self.seal()?;
+            } else {
+                open.enc.park();
+            }
         }
         Ok(position)
     }
@@ -355,8 +355,7 @@ impl Db {
                 .wal_dir(&s.generation)
                 .join(format!("{:08x}_{at:08x}.wal.lz4.tmp", s.index));
             let file = File::create(&tmp).map_err(Self::io_err(&tmp))?;
-            let enc = format::segment_encoder(BufWriter::new(file), expected as usize)
-                .map_err(Self::io_err(&tmp))?;
+            let enc = format::segment_encoder(BufWriter::new(file), expected as usize);
             self.open_segment = Some(OpenSegment {
                 index: s.index,
                 start: at,
@@ -368,7 +367,7 @@ impl Db {
         }
         let open = self.open_segment.as_mut().expect("segment is open");
         debug_assert_eq!(open.start + open.len, at, "segments are contiguous");
-        match open.enc.write_all(data) {
+        match open.enc.write_block(data) {
             Ok(()) => {
                 open.len += data.len() as u64;
                 Ok(())
@@ -467,7 +466,7 @@ impl Db {
             let marked = write_atomic(&self.unsynced_file(), format!("{boot}\n").as_bytes())
                 .and_then(|()| sync_dir(&self.cfg.meta_path));
             if let Err(e) = marked {
-                tracing::warn!(db = %self.cfg.path.display(), error = %e, "cannot record the boot; flushing every copy into the shadow WAL instead");
+                tracing::warn!(db = %self.cfg.path.display(), error = %e, "cannot record the boot; flushing every shadow segment as it is sealed instead");
                 self.boot = None;
             }
         }
@@ -637,7 +636,7 @@ impl Db {
         }
     }
 
-    /// One tick: open if needed, copy new committed frames into the shadow WAL (starting a new
+    /// One tick: open if needed, copy new committed frames into the shadow (starting a new
     /// generation when the shadow cannot continue), then checkpoint if a threshold is reached.
     pub fn sync(&mut self) -> Result<SyncReport, DbError> {
         let mut report = SyncReport::default();
@@ -818,7 +817,10 @@ impl Db {
         let mut committed = (s.size, s.checksum);
         // Checked up to here, past `committed` only inside a transaction longer than a chunk.
         let mut scanned = committed;
-        let chunk = ((end - start) / fsz).min((COPY_CHUNK / fsz).max(1)) * fsz;
+        // Each piece fed is one LZ4 block, so pieces are read at the segment's block size; memory
+        // stays bounded by it whatever the transaction size.
+        let block = format::segment_block_size(expected as usize) as u64;
+        let chunk = ((end - start) / fsz).min((block / fsz).max(1)) * fsz;
         with_scratch(chunk as usize, |scratch| {
             while scanned.0 < end {
                 let at = scanned.0;
@@ -882,10 +884,11 @@ impl Db {
         to: u64,
         expected: u64,
     ) -> Result<(), DbError> {
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let block = format::segment_block_size(expected as usize) as u64;
+        let mut buf = vec![0u8; block as usize];
         let mut at = from.0;
         while at < to {
-            let n = (to - at).min(COPY_CHUNK) as usize;
+            let n = (to - at).min(block) as usize;
             real.read_exact_at(&mut buf[..n], at)
                 .map_err(Self::io_err(&self.wal_path))?;
             self.feed(at, &buf[..n], from.1, expected)?;
@@ -1228,7 +1231,7 @@ impl Db {
     }
 
     /// Pins the replicated position and checksums the live database at exactly that position:
-    /// under the write lock every committed frame is copied to the shadow WAL, and a read
+    /// under the write lock every committed frame is copied to the shadow, and a read
     /// transaction begun on a fresh connection then sees that state and no other while the
     /// application writes on.
     pub fn checksum_at_position(&mut self) -> Result<(Position, u64), DbError> {
@@ -1249,6 +1252,9 @@ impl Db {
         let position = position.ok_or_else(|| {
             DbError::Busy(format!("{}: no generation yet", self.cfg.path.display()))
         })?;
+        if let Some(open) = &mut self.open_segment {
+            open.enc.park();
+        }
         let sum = crate::verify::checksum(&conn).map_err(self.sqlite_err("checksum"))?;
         Ok((position, sum))
     }
@@ -1269,11 +1275,11 @@ impl Db {
             && self.boot.is_some()
             && let Err(e) = self.flush_shadow()
         {
-            tracing::warn!(db = %self.cfg.path.display(), error = %e, "cannot flush the shadow WAL; after a restart of the machine a new generation will start");
+            tracing::warn!(db = %self.cfg.path.display(), error = %e, "cannot flush the shadow segments; after a restart of the machine a new generation will start");
         }
     }
 
-    /// Makes every shadow file of the current generation durable, with the directories that
+    /// Makes every shadow segment of the current generation durable, with the directories that
     /// name them, then removes [`UNSYNCED_FILE`]: from then on a restart of the machine loses
     /// nothing the next run needs to continue this generation.
     fn flush_shadow(&self) -> Result<(), DbError> {
@@ -1693,6 +1699,34 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1 + 6000 + 20);
+    }
+
+    #[test]
+    fn frames_copied_but_not_sealed_are_copied_again_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let app = app(&path);
+        let cfg = crate::config::db_from_args(&path, Vec::new());
+        let mut first = Db::new(cfg.clone());
+        first.sync().unwrap();
+        let sealed = first.publish(false).unwrap().unwrap();
+        for _ in 0..10 {
+            app.execute("INSERT INTO t VALUES (randomblob(100))", [])
+                .unwrap();
+        }
+        first.sync().unwrap();
+        let copied = first.position().unwrap();
+        assert!(copied.pos > sealed.pos);
+        drop(first);
+
+        let mut second = Db::new(cfg);
+        let report = second.sync().unwrap();
+        assert_eq!(report.new_generation, None);
+        assert_eq!(report.bytes_copied, copied.pos.offset - sealed.pos.offset);
+        let p = second.publish(false).unwrap().unwrap();
+        assert_eq!(p, copied);
+        let shadow = shadow_bytes(&second, &p.generation, p.pos.index, p.pos.offset);
+        assert!(shadow == real_wal(&path, p.pos.offset));
     }
 
     fn unsynced_marker(path: &Path) -> Option<String> {

@@ -1,11 +1,11 @@
-//! The replication engine: one task per database copying its WAL into the shadow WAL, one
-//! task per replica uploading from there.
+//! The replication engine: one task per database copying its WAL into shadow segments, one
+//! task per replica uploading them.
 //!
 //! The two sides are decoupled on purpose: the database task never waits for the network, so
 //! a slow or unreachable store never holds SQLite's locks, and an upload that fails leaves its
 //! position where it was, so the same bytes are sent again on the next tick and nothing
-//! committed is ever skipped. Shadow files are removed only once every replica has moved past
-//! them.
+//! committed is ever skipped. Shadow segments are removed only once every replica has moved
+//! past them.
 
 pub mod db;
 
@@ -483,13 +483,19 @@ async fn run_db(
             }
         };
         if snapshot_wanted && status.borrow().position.is_some() {
-            match blocking(&db, |db| db.snapshot()).await {
-                Ok(snap) => {
+            // Published in the same call, so the new index's segment is sealed before the
+            // blocking thread moves on to another database.
+            let taken = blocking(&db, |db| {
+                let snap = db.snapshot()?;
+                Ok::<_, DbError>((snap, db.publish(true)))
+            })
+            .await;
+            match taken {
+                Ok((snap, position)) => {
                     snapshot_wanted = false;
                     tracing::info!(db = %path.display(), generation = %snap.generation,
                         index = snap.index, size = snap.size, "snapshot taken");
                     acks = vec![false; replica_count];
-                    let position = blocking(&db, |db| db.publish(true)).await;
                     if let Err(e) = &position {
                         tracing::warn!(db = %path.display(), error = %e, "cannot seal the shadow segment after the snapshot; the next sync retries");
                     }
@@ -598,7 +604,7 @@ async fn run_drill(
     verdicts
 }
 
-/// Deletes shadow files that every replica has uploaded and no pending snapshot needs.
+/// Deletes shadow segments that every replica has uploaded and no pending snapshot needs.
 async fn cleanup_shadow(
     db: &Arc<Mutex<Db>>,
     status: &watch::Sender<DbStatus>,
