@@ -653,6 +653,55 @@ fn litestream_file_replica_is_restored_by_walden() {
     );
 }
 
+/// Walden keeps its shadow as compressed segments, Litestream as raw `<index>.wal` files, so
+/// neither continues the other's local shadow: each start on the same database and metadata
+/// directory begins a new generation, and the replica still restores exactly, with either tool.
+#[test]
+fn switching_tools_on_one_database_starts_a_new_generation_and_loses_nothing() {
+    let s3 = shared_s3();
+    let replica = tempfile::tempdir().unwrap();
+    let target = Target::File(replica.path().join("replica"));
+    let work = Work::new();
+    work.write_config(&target, s3, &[FAST_CHECKPOINTS], &["sync-interval: 1s"]);
+    let conn = open_writer(&work.db, None);
+    let generations = || -> BTreeSet<String> {
+        target
+            .objects(s3)
+            .iter()
+            .filter_map(|n| parse_object(n).map(|(generation, _, _)| generation))
+            .collect()
+    };
+    for (i, tool) in [Tool::Walden, Tool::Litestream, Tool::Walden]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rep = Replicator::start(tool, &work, s3);
+        let deadline = Instant::now() + UPLOAD_TIMEOUT;
+        while generations().len() < i + 1 {
+            rep.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{tool:?} started no new generation\n{}",
+                rep.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        standard_workload(&conn, &format!("switch{i}"));
+        rep.assert_running();
+        rep.stop_clean();
+        assert_eq!(generations().len(), i + 1, "one generation per start");
+    }
+    drop(conn);
+    for restorer in [Tool::Litestream, Tool::Walden] {
+        let out = work.path(&format!("restored-{restorer:?}.db"));
+        match restorer {
+            Tool::Walden => walden_restore_url(&target.walden_url(s3), &out, &[]),
+            Tool::Litestream => restore_with_config(Tool::Litestream, &work, &out, &[]),
+        }
+        assert_same_db(&work.db, &out, &format!("after switching, {restorer:?}"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4: point in time
 // ---------------------------------------------------------------------------------------------
