@@ -1354,13 +1354,7 @@ fn finish_segment(
     path: &Path,
     sync: bool,
 ) -> Result<(), DbError> {
-    let writer = enc.finish().map_err(|source| DbError::Format {
-        path: tmp.to_path_buf(),
-        source,
-    })?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| Db::io_err(tmp)(e.into_error()))?;
+    let file = finish_file(enc, tmp)?;
     if sync {
         file.sync_data().map_err(Db::io_err(tmp))?;
     }
@@ -1470,15 +1464,20 @@ fn compress_file(input: &File, src: &Path, dest: &Path) -> Result<u64, DbError> 
         offset += n as u64;
         enc.write_all(&buf[..n]).map_err(Db::io_err(dest))?;
     }
-    let w = enc.finish().map_err(|source| DbError::Format {
-        path: dest.to_path_buf(),
-        source,
-    })?;
-    let f = w
-        .into_inner()
-        .map_err(|e| Db::io_err(dest)(e.into_error()))?;
+    let f = finish_file(enc, dest)?;
     f.sync_all().map_err(Db::io_err(dest))?;
     Ok(f.metadata().map_err(Db::io_err(dest))?.len())
+}
+
+/// Ends an LZ4 frame written through a buffer into the file at `path`, and hands the file back.
+fn finish_file(enc: format::Lz4Encoder<BufWriter<File>>, path: &Path) -> Result<File, DbError> {
+    let writer = enc.finish().map_err(|source| DbError::Format {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    writer
+        .into_inner()
+        .map_err(|e| Db::io_err(path)(e.into_error()))
 }
 
 /// The read buffer of copies, kept at its largest size: allocated anew each time, its page
