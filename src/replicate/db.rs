@@ -169,7 +169,8 @@ struct OpenSegment {
 struct Shadow {
     generation: String,
     index: u32,
-    /// Committed, frame-aligned length of the WAL index copied so far, sealed or not.
+    /// Frame-aligned length of the WAL index copied so far, sealed or not: at a commit, except
+    /// after a failed seal rolled it back to a segment that starts inside a transaction.
     size: u64,
     header: WalHeader,
     /// Running checksum at `size`, which the next frame must continue.
@@ -341,7 +342,8 @@ impl Db {
 
     /// Compresses `data`, the checked bytes at `at` of the current index, into the open
     /// segment, opening one there if none is; `checksum` is the running checksum at `at`, where
-    /// a segment opened now starts (always at a commit or at the index's start).
+    /// a segment opened now starts (at a commit, at the index's start, or inside a transaction
+    /// longer than a segment).
     fn feed(
         &mut self,
         at: u64,
@@ -850,7 +852,7 @@ impl Db {
                 scanned = (at + valid as u64, ck);
                 if let Some((upto, ck)) = last_commit {
                     if committed.0 < at {
-                        self.feed_from_wal(&real, committed, at, expected)?;
+                        self.feed_from_wal(&real, committed, at, (be, fsz, expected))?;
                     }
                     let from = (committed.0.max(at) - at) as usize;
                     self.feed(at + from as u64, &buf[from..upto], committed.1, expected)?;
@@ -876,23 +878,37 @@ impl Db {
     }
 
     /// Feeds `[from.0, to)` of the real WAL, already checked, in chunks of its own: the first
-    /// part of a transaction longer than a chunk, whose commit the scan has just found.
+    /// part of a transaction longer than a chunk, whose commit the scan has just found. A
+    /// segment may be sealed inside it, so that a huge transaction is still uploaded in objects
+    /// of bounded size; the running checksum is kept at every piece for where the next
+    /// segment starts.
     fn feed_from_wal(
         &mut self,
         real: &File,
         from: (u64, (u32, u32)),
         to: u64,
-        expected: u64,
+        (be, fsz, expected): (bool, u64, u64),
     ) -> Result<(), DbError> {
         let block = format::segment_block_size(expected as usize) as u64;
         let mut buf = vec![0u8; block as usize];
-        let mut at = from.0;
+        let (mut at, mut ck) = from;
         while at < to {
             let n = (to - at).min(block) as usize;
             real.read_exact_at(&mut buf[..n], at)
                 .map_err(Self::io_err(&self.wal_path))?;
-            self.feed(at, &buf[..n], from.1, expected)?;
+            self.feed(at, &buf[..n], ck, expected)?;
+            for frame in buf[..n].chunks_exact(fsz as usize) {
+                ck = wal::checksum(be, ck, &frame[..8]);
+                ck = wal::checksum(be, ck, &frame[wal::FRAME_HEADER_SIZE..]);
+            }
             at += n as u64;
+            if self
+                .open_segment
+                .as_ref()
+                .is_some_and(|o| o.len >= SEGMENT_SEAL)
+            {
+                self.seal()?;
+            }
         }
         Ok(())
     }
@@ -1642,14 +1658,20 @@ mod tests {
         );
         assert_eq!(check(&mut db), before);
         app.execute_batch("COMMIT").unwrap();
-        // More than a segment's worth in one tick is sealed in several segments.
+        // More than a segment's worth in one tick is sealed in several segments, even inside
+        // one transaction.
         for _ in 0..3 {
             app.execute("INSERT INTO t VALUES (randomblob(4000000))", [])
                 .unwrap();
         }
+        app.execute("INSERT INTO t VALUES (randomblob(20000000))", [])
+            .unwrap();
         let end = check(&mut db);
-        assert!(end.offset > SEGMENT_SEAL);
-        assert!(segment_count(&db, &generation, end.index) > 2);
+        assert!(end.offset > 3 * SEGMENT_SEAL);
+        let segments = local_segments(&db.cfg.meta_path, &generation);
+        assert!(segments.len() > 4, "{segments:?}");
+        let largest = segments.iter().map(|g| g.end - g.start).max().unwrap();
+        assert!(largest < SEGMENT_SEAL + (1 << 20), "{largest}");
     }
 
     /// Reads the WAL-index header's `nBackfill` (the checkpoint info that follows the two
