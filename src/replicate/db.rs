@@ -384,7 +384,9 @@ impl Db {
 
     /// Finishes the open segment's frame and gives it its name, which is what makes it a
     /// segment: a file still named `.tmp` after a crash is removed at the next start, and its
-    /// frames are copied again from the real WAL, which cannot have restarted before a seal.
+    /// frames are copied again from the real WAL. Our own restarts of the WAL seal first; the
+    /// one restart the application may make (see `backfill_ahead`) can leave frames only in
+    /// the open segment, and a crash right then starts a new generation at the next start.
     fn seal(&mut self) -> Result<(), DbError> {
         let Some(open) = self.open_segment.take() else {
             return Ok(());
@@ -1095,6 +1097,8 @@ impl Db {
     /// every other (see `begin_immediate`). With `truncate` SQLite also cuts the WAL file down
     /// to that one frame, when the restarting write is ours.
     fn restart_wal(&mut self, truncate: bool) -> Result<(), DbError> {
+        // After the restart the old index's last frames are only in the open segment.
+        self.seal()?;
         self.restart_expected = true;
         if truncate {
             self.set_journal_size_limit(0)?;
