@@ -1726,15 +1726,45 @@ mod tests {
         assert_eq!(rows, 1 + 6000 + 20);
     }
 
-    #[test]
-    fn frames_copied_but_not_sealed_are_copied_again_after_a_crash() {
+    /// A first run's start: an application database, and a `Db` that has copied and published
+    /// its first tick, as the replicator's loop does.
+    struct FirstRun {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        app: Connection,
+        cfg: DbConfig,
+        db: Db,
+        published: Position,
+    }
+
+    fn first_run() -> FirstRun {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let app = app(&path);
         let cfg = crate::config::db_from_args(&path, Vec::new());
-        let mut first = Db::new(cfg.clone());
-        first.sync().unwrap();
-        let sealed = first.publish(false).unwrap().unwrap();
+        let mut db = Db::new(cfg.clone());
+        db.sync().unwrap();
+        let published = db.publish(false).unwrap().unwrap();
+        FirstRun {
+            _dir: dir,
+            path,
+            app,
+            cfg,
+            db,
+            published,
+        }
+    }
+
+    #[test]
+    fn frames_copied_but_not_sealed_are_copied_again_after_a_crash() {
+        let FirstRun {
+            _dir,
+            path,
+            app,
+            cfg,
+            db: mut first,
+            published: sealed,
+        } = first_run();
         for _ in 0..10 {
             app.execute("INSERT INTO t VALUES (randomblob(100))", [])
                 .unwrap();
@@ -1779,14 +1809,15 @@ mod tests {
     /// shadow unflushed. Under the same boot the page cache still holds it and the generation
     /// goes on; under another boot (the machine restarted) a new generation starts.
     fn generation_after_an_unclean_stop(boot_in_marker: Option<&str>) -> (String, SyncReport) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let app = app(&path);
-        let cfg = crate::config::db_from_args(&path, Vec::new());
-        let mut first = Db::new(cfg.clone());
-        first.sync().unwrap();
-        first.publish(false).unwrap();
-        let generation = first.position().unwrap().generation;
+        let FirstRun {
+            _dir,
+            app,
+            cfg,
+            db: first,
+            published,
+            ..
+        } = first_run();
+        let generation = published.generation;
         drop(first);
         if let Some(boot) = boot_in_marker {
             fs::write(cfg.meta_path.join(UNSYNCED_FILE), boot).unwrap();
