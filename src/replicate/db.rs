@@ -853,22 +853,19 @@ impl Db {
                 }
                 scanned = (at + valid as u64, ck);
                 if let Some((upto, ck)) = last_commit {
+                    let mut fed_to = committed;
                     if committed.0 < at {
-                        self.feed_from_wal(&real, committed, at, (be, fsz, expected))?;
+                        let ck_at =
+                            self.feed_from_wal(&real, committed, at, (be, fsz, expected))?;
+                        fed_to = (at, ck_at);
                     }
-                    let from = (committed.0.max(at) - at) as usize;
-                    self.feed(at + from as u64, &buf[from..upto], committed.1, expected)?;
+                    let from = (fed_to.0 - at) as usize;
+                    self.feed(fed_to.0, &buf[from..upto], fed_to.1, expected)?;
                     committed = (at + upto as u64, ck);
                     scanned = committed;
                     let s = self.shadow.as_mut().expect("shadow exists");
                     (s.size, s.checksum) = committed;
-                    if self
-                        .open_segment
-                        .as_ref()
-                        .is_some_and(|o| o.len >= SEGMENT_SEAL)
-                    {
-                        self.seal()?;
-                    }
+                    self.seal_if_full()?;
                 }
                 if valid < n {
                     break;
@@ -883,14 +880,14 @@ impl Db {
     /// part of a transaction longer than a chunk, whose commit the scan has just found. A
     /// segment may be sealed inside it, so that a huge transaction is still uploaded in objects
     /// of bounded size; the running checksum is kept at every piece for where the next
-    /// segment starts.
+    /// segment starts, and returned as it is at `to`.
     fn feed_from_wal(
         &mut self,
         real: &File,
         from: (u64, (u32, u32)),
         to: u64,
         (be, fsz, expected): (bool, u64, u64),
-    ) -> Result<(), DbError> {
+    ) -> Result<(u32, u32), DbError> {
         let block = format::segment_block_size(expected as usize) as u64;
         let mut buf = vec![0u8; block as usize];
         let (mut at, mut ck) = from;
@@ -904,13 +901,19 @@ impl Db {
                 ck = wal::checksum(be, ck, &frame[wal::FRAME_HEADER_SIZE..]);
             }
             at += n as u64;
-            if self
-                .open_segment
-                .as_ref()
-                .is_some_and(|o| o.len >= SEGMENT_SEAL)
-            {
-                self.seal()?;
-            }
+            self.seal_if_full()?;
+        }
+        Ok(ck)
+    }
+
+    /// Seals the open segment once it holds [`SEGMENT_SEAL`] bytes.
+    fn seal_if_full(&mut self) -> Result<(), DbError> {
+        if self
+            .open_segment
+            .as_ref()
+            .is_some_and(|o| o.len >= SEGMENT_SEAL)
+        {
+            self.seal()?;
         }
         Ok(())
     }
