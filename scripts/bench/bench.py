@@ -292,7 +292,7 @@ class Bench:
         self.base_mib = 8 if q else 1024
         self.wal_mib = 4 if q else 200
         self.wal_rate = 4 if q else 10
-        self.restore_reps = 1 if q else 3
+        self.restore_reps = 1 if q else 5
         self.scale_n = (5, 20) if q else (100, 1000)
         self.scale_idle = 3 if q else 20
         self.scale_write = 3 if q else 20
@@ -662,6 +662,11 @@ def main():
         print("\nProblems:")
         for tool, text in problems:
             print(f"- {NAMES[tool]}: {text}")
+    walls = b.results.get("restore.wall", {})
+    spread = "Restore wall times, every timed run in order (s): " + "; ".join(
+        f"{NAMES[t]} " + ", ".join(f"{w:.2f}" for w in walls[t])
+        for t in REPLICATORS if walls.get(t))
+    print("\n" + spread)
     rcs = {NAMES[t]: b.rc[t] for t in REPLICATORS}
     print(f"\nreplicator exit codes after SIGTERM (workloads 1-4): {rcs}")
     print(f"benchmark time: {elapsed / 60:.1f} min")
@@ -680,6 +685,7 @@ def main():
         if problems:
             extra = "\nProblems seen in this run:\n\n" + "\n".join(
                 f"- {NAMES[t]}: {x}" for t, x in problems) + "\n"
+        extra += f"\n{spread}\n"
         extra += f"\nReplicator exit codes after SIGTERM (workloads 1-4): {rcs}\n"
         with open(a.md, "w") as f:
             f.write(info + "\n" + table + "\n" + extra)
