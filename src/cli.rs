@@ -19,7 +19,7 @@ use walden::observe::health::DbReport;
 use walden::observe::{client, server};
 use walden::replica::Replica;
 use walden::replicate::Replicator;
-use walden::restore::{self, RestoreError, RestoreOptions, Startup, rfc3339};
+use walden::restore::{self, IntegrityCheck, RestoreError, RestoreOptions, Startup, rfc3339};
 use walden::storage::RetryPolicy;
 use walden::supervise::{self, Child, ChildCommand, Event, Outcome, Signals};
 
@@ -129,6 +129,9 @@ struct RestoreArgs {
     /// WAL segments downloaded at once
     #[arg(long, value_name = "N", default_value_t = 8)]
     parallelism: usize,
+    /// Check the restored database before moving it into place: none, quick or full
+    #[arg(long, value_name = "MODE", default_value = "full", value_parser = parse_integrity_check)]
+    integrity_check: IntegrityCheck,
     /// Exit successfully without restoring if the output already exists
     #[arg(long)]
     if_db_not_exists: bool,
@@ -170,6 +173,17 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|i| *i <= walden::format::MAX_INDEX)
         .ok_or_else(|| format!("invalid index {s:?}: expected hexadecimal, e.g. 0000001a or 1a"))
+}
+
+fn parse_integrity_check(s: &str) -> Result<IntegrityCheck, String> {
+    match s {
+        "none" => Ok(IntegrityCheck::None),
+        "quick" => Ok(IntegrityCheck::Quick),
+        "full" => Ok(IntegrityCheck::Full),
+        _ => Err(format!(
+            "invalid integrity check {s:?}: expected none, quick or full"
+        )),
+    }
 }
 
 fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
@@ -639,6 +653,7 @@ async fn restore_cmd(args: RestoreArgs) -> Result<ExitCode> {
         timestamp: args.timestamp,
         until: None,
         parallelism: args.parallelism,
+        check: args.integrity_check,
     };
     let plan = match restore::plan(&replicas, &opts).await {
         Ok(plan) => plan,
@@ -1076,6 +1091,29 @@ mod tests {
             ]
         );
         assert_eq!(n(&["walden", "-unknown"]), ["walden", "-unknown"]);
+    }
+
+    #[test]
+    fn restores_check_fully_unless_told_otherwise() {
+        let check = |args: &[&str]| match Cli::try_parse_from(n(args)).map(|c| c.command) {
+            Ok(Command::Restore(r)) => Ok(r.integrity_check),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            check(&["walden", "restore", "db"]),
+            Ok(IntegrityCheck::Full)
+        );
+        assert_eq!(
+            check(&["walden", "restore", "-integrity-check", "quick", "db"]),
+            Ok(IntegrityCheck::Quick)
+        );
+        assert_eq!(
+            check(&["walden", "restore", "-integrity-check=none", "db"]),
+            Ok(IntegrityCheck::None)
+        );
+        let err = check(&["walden", "restore", "-integrity-check", "all", "db"]).unwrap_err();
+        assert!(err.contains("expected none, quick or full"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::Pos;
 use crate::replica::Replica;
-use crate::restore::{self, RestoreOptions};
+use crate::restore::{self, IntegrityCheck, RestoreOptions};
 
 /// The outcome of one drill against one replica.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +107,7 @@ pub async fn check_replica(
         timestamp: None,
         until,
         parallelism: 8,
+        check: IntegrityCheck::Full,
     };
     let replicas = std::slice::from_ref(replica);
     let restored = match restore::plan(replicas, &opts).await {
