@@ -10,11 +10,12 @@
 //! v0.3.13's. Every frame is read by a small decoder of our own ([`lz4_decoder`]), which hands
 //! each block to liblz4's bounds-checked decoder: a snapshot is mostly long runs that refer one
 //! byte back, which `lz4_flex` copies a byte at a time (a 1 GiB restore spent 1.0 to 1.24 CPU-s
-//! in user space instead of 1.25 to 1.44). `lz4_flex`'s `FrameDecoder` reports end of stream at the zero-length stored block that v0.3.13 emits for
-//! snapshots that are a multiple of 4 MiB (dropping everything after it unchecked), stops after
-//! the first of several concatenated frames, and treats a stream cut off between blocks as
-//! complete. A replica that restores silently short is worse than one that fails, so the reader
-//! here checks every frame to its end.
+//! in user space instead of 1.25 to 1.44). `lz4_flex`'s `FrameDecoder` reports end of stream at
+//! the zero-length stored block that v0.3.13 emits for snapshots that are a multiple of 4 MiB
+//! (dropping everything after it unchecked), stops after the first of several concatenated
+//! frames, and treats a stream cut off between blocks as complete. A replica that restores
+//! silently short is worse than one that fails, so the reader here checks every frame to its
+//! end.
 //!
 //! Invariant: this module does no I/O of its own; it only wraps `std::io::Read` and `Write`.
 

@@ -99,13 +99,13 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// 0.5's `-integrity-check` names them. Walden checks fully by default, where Litestream does not
 /// check: a restore is when damage in a backup must come to light, not weeks later. `None` is
 /// for salvaging a replica of a database that was already damaged, which a check would refuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntegrityCheck {
     None,
-    /// `PRAGMA quick_check`: every page and record, but not whether indexes match their tables.
+    /// `PRAGMA quick_check`: every page and record, but not whether indexes match their tables
+    /// or UNIQUE constraints hold.
     Quick,
     /// `PRAGMA integrity_check`.
-    #[default]
     Full,
 }
 
