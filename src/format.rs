@@ -662,6 +662,16 @@ impl<R: Read> Lz4Decoder<R> {
         Ok(Some(&self.out[..self.out_len]))
     }
 
+    /// Goes on to a new stream with the buffers this one grew, so that decoding many small
+    /// objects in turn allocates and zero-fills them once.
+    pub fn restart(&mut self, r: R) {
+        self.r = r;
+        self.frame = None;
+        self.frames_seen = 0;
+        self.out_len = 0;
+        self.out_pos = 0;
+    }
+
     /// Like [`next_block`](Lz4Decoder::next_block), but hands over the buffer holding the block
     /// (with the block's length) and keeps `spare` to decode the next one into, so that a block
     /// can go to another thread without being copied. A spare that has held a block before is
@@ -1151,6 +1161,30 @@ mod tests {
         ]
         .concat();
         assert_eq!(decompress(&stream).unwrap(), b"first second");
+    }
+
+    #[test]
+    fn a_restarted_decoder_reads_each_stream_on_its_own() {
+        let big = data(3 * MIB, true);
+        let small = data(1000, false);
+        let mut cut_short = compress(&big);
+        cut_short.truncate(cut_short.len() / 2);
+        let mut decoder = lz4_decoder(io::Cursor::new(compress(&big)));
+        let blocks = |decoder: &mut Lz4Decoder<io::Cursor<Vec<u8>>>| {
+            let mut out = Vec::new();
+            while let Some(block) = decoder.next_block()? {
+                out.extend_from_slice(block);
+            }
+            Ok::<_, FormatError>(out)
+        };
+        assert!(blocks(&mut decoder).unwrap() == big);
+        decoder.restart(io::Cursor::new(cut_short));
+        assert!(matches!(blocks(&mut decoder), Err(FormatError::Truncated)));
+        // Neither the frame the failure left open nor the frames counted before carry over.
+        decoder.restart(io::Cursor::new(compress(&small)));
+        assert!(blocks(&mut decoder).unwrap() == small);
+        decoder.restart(io::Cursor::new(Vec::new()));
+        assert!(matches!(blocks(&mut decoder), Err(FormatError::Empty)));
     }
 
     #[test]
