@@ -348,7 +348,7 @@ pub async fn restore(
     let parallelism = opts.parallelism.max(1);
     let generation = plan.generation.clone();
     // Segments are fetched while the snapshot downloads, up to PREFETCH_BYTES ahead of the one
-    // being applied, which gives its share back once it is decoded and applied.
+    // being applied; each gives its share back when the applier takes it.
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES));
     let fetched = stream::iter(plan.segments.iter().cloned())
         .map(|s| {
@@ -552,7 +552,7 @@ fn apply_err(e: ApplyError, key: &str, path: &Path) -> RestoreError {
 const PREFETCH_BYTES: usize = 32 << 20;
 
 /// A downloaded segment, still compressed: decoded, it would hold two to three times the
-/// memory while it waits. Its share of the prefetch budget returns when it is dropped.
+/// memory while it waits. Its share of the prefetch budget returns when the permit is dropped.
 struct Fetched {
     pos: Pos,
     data: bytes::Bytes,
