@@ -874,6 +874,7 @@ impl Problems<'_> {
 
 /// Litestream 0.5's top-level replica settings and `snapshot:` section: defaults for every
 /// replica, which a replica's own value overrides.
+#[derive(Default)]
 struct ReplicaDefaults {
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
@@ -885,23 +886,6 @@ struct ReplicaDefaults {
     sync_interval: Option<GoDuration>,
     snapshot_interval: Option<GoDuration>,
     retention: Option<GoDuration>,
-}
-
-impl ReplicaDefaults {
-    fn none() -> ReplicaDefaults {
-        ReplicaDefaults {
-            access_key_id: None,
-            secret_access_key: None,
-            bucket: None,
-            endpoint: None,
-            region: None,
-            force_path_style: None,
-            skip_verify: None,
-            sync_interval: None,
-            snapshot_interval: None,
-            retention: None,
-        }
-    }
 }
 
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "warning", "error"];
@@ -1414,7 +1398,7 @@ pub fn replica_from_url(url: &str, env: Env) -> Result<ReplicaConfig, ConfigErro
         url: Some(url.to_string()),
         ..RawReplica::default()
     };
-    resolve_replica(raw, &ReplicaDefaults::none(), env)
+    resolve_replica(raw, &ReplicaDefaults::default(), env)
 }
 
 /// Whether a command-line argument is a replica URL rather than a database path.
